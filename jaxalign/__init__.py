@@ -1,0 +1,3 @@
+"""jaxalign: preference alignment of language models in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from jaxalign.cli import main
+
+sys.exit(main())

@@ -1,0 +1,36 @@
+"""`jaxalign export`: write a Hugging Face folder from a model folder or checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+NAME = "export"
+HELP = "write a Hugging Face folder (safetensors, config, generation config, tokenizer)"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(NAME, help=HELP, description=HELP)
+    p.add_argument("--model", required=True, help="source: a Hugging Face model folder")
+    p.add_argument("--output_dir", required=True, help="destination folder (must not already hold a model)")
+    p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxalign.convert import load_hf_model, save_hf_model
+
+    model = load_hf_model(args.model, dtype="float32")
+    tokenizer = load_tokenizer_if_present(args.model)
+    out = save_hf_model(model, args.output_dir, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
+    print(f"exported {args.model} -> {out}")
+    return 0
+
+
+def load_tokenizer_if_present(folder: str | Path):
+    """The folder's tokenizer when it has one (tokenizer.json or tokenizer_config.json), else None."""
+    if not any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,7 @@
+"""The decoder (Llama, Mistral, Qwen2, Qwen3), its configuration and KV cache."""
+
+from jaxalign.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
+from jaxalign.models.decoder import Decoder
+from jaxalign.models.kv_cache import KVCache, init_cache
+
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "Decoder", "KVCache", "init_cache"]

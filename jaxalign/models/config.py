@@ -1,0 +1,173 @@
+"""The decoder's configuration, built from (and written back to) a Hugging Face config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from jaxalign.errors import CheckpointError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+_HF_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+_SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything the decoder needs; one instance describes Llama, Mistral, Qwen2 or Qwen3."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    hf_config: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+    generation_config: dict | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def num_query_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The config.json to write next to exported weights."""
+        if self.hf_config is not None:
+            out = dict(self.hf_config)
+        else:
+            out = _fresh_hf_dict(self)
+        out["architectures"] = [_HF_ARCHITECTURES[self.model_type]]
+        out["model_type"] = self.model_type
+        out["torch_dtype"] = "float32"
+        out.pop("dtype", None)
+        out["dtype"] = "float32"
+        return out
+
+
+def _fresh_hf_dict(c: ModelConfig) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_type": c.rope_type, "rope_theta": c.rope_theta}
+    if c.rope_type == "llama3":
+        rope.update(
+            factor=c.rope_factor,
+            low_freq_factor=c.rope_low_freq_factor,
+            high_freq_factor=c.rope_high_freq_factor,
+            original_max_position_embeddings=c.rope_original_max_position,
+        )
+    elif c.rope_type == "linear":
+        rope.update(factor=c.rope_factor)
+    d: dict[str, Any] = dict(
+        model_type=c.model_type,
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+        rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_position_embeddings,
+        tie_word_embeddings=c.tie_word_embeddings,
+        hidden_act="silu",
+        bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id,
+        pad_token_id=c.pad_token_id,
+        rope_theta=c.rope_theta,
+        rope_scaling=None if c.rope_type == "default" else rope,
+        rope_parameters=rope,
+    )
+    if c.model_type == "llama":
+        d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
+    if c.model_type == "qwen3":
+        d.update(attention_bias=c.attention_bias)
+    if c.model_type in ("mistral", "qwen2", "qwen3"):
+        d.update(sliding_window=c.sliding_window, use_sliding_window=c.sliding_window is not None)
+    return d
+
+
+def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
+    """Build a :class:`ModelConfig` from a Hugging Face config dict; refuse what we cannot run."""
+    model_type = d.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{source}: model_type {model_type!r} is not supported; jaxalign runs "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, MistralForCausalLM, "
+            "Qwen2ForCausalLM, Qwen3ForCausalLM)"
+        )
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
+    try:
+        heads = int(d["num_attention_heads"])
+        hidden = int(d["hidden_size"])
+        rope = _rope_from_hf(d, source)
+        sliding = None
+        if model_type == "mistral":
+            sliding = d.get("sliding_window")
+        elif model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
+            sliding = d.get("sliding_window")
+        return ModelConfig(
+            model_type=model_type,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(d["intermediate_size"]),
+            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+            head_dim=int(d.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=tuple(d["eos_token_id"]) if isinstance(d.get("eos_token_id"), list) else d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
+            hf_config=dict(d),
+            **rope,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{source}: required key {e.args[0]!r} is missing; is this a causal LM config.json?") from None
+
+
+def _rope_from_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    merged = {**scaling, **params}
+    theta = float(merged.get("rope_theta", d.get("rope_theta", 10000.0)))
+    rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"
+    if rope_type not in _SUPPORTED_ROPE_TYPES:
+        raise CheckpointError(
+            f"{source}: rope type {rope_type!r} is not supported; supported: {', '.join(_SUPPORTED_ROPE_TYPES)}"
+        )
+    out: dict[str, Any] = {"rope_theta": theta, "rope_type": rope_type}
+    if rope_type in ("llama3", "linear"):
+        out["rope_factor"] = float(merged.get("factor", 1.0))
+    if rope_type == "llama3":
+        out["rope_low_freq_factor"] = float(merged.get("low_freq_factor", 1.0))
+        out["rope_high_freq_factor"] = float(merged.get("high_freq_factor", 4.0))
+        out["rope_original_max_position"] = int(merged.get("original_max_position_embeddings", 8192))
+    return out

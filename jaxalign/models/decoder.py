@@ -1,0 +1,209 @@
+"""One config-driven decoder-only transformer for the Llama, Mistral, Qwen2 and Qwen3 families.
+
+Parameters are float32 masters carrying logical axis names (``axes`` metadata) that
+:mod:`jaxalign.parallel` maps onto the mesh. Matmuls run in the compute ``dtype``; norms,
+softmax and the returned logits are float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.models.config import ModelConfig
+from jaxalign.models.kv_cache import KVCache
+from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float = 0.02) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, jnp.float32), axes=axes)
+
+
+def _ones(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, jnp.float32), axes=axes)
+
+
+def _zeros(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, jnp.float32), axes=axes)
+
+
+class Linear(nnx.Module):
+    """x @ kernel (+ bias); kernel is [in, out]."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, rngs: nnx.Rngs):
+        self.kernel = _param(rngs, (d_in, d_out), axes)
+        self.bias = _zeros((d_out,), (axes[1],)) if bias else None
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        y = jnp.dot(x.astype(dtype), self.kernel[...].astype(dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, as Hugging Face does."""
+
+    def __init__(self, dim: int, eps: float):
+        self.scale = _ones((dim,), ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(dtype) * x32.astype(dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query attention with RoPE, optional qkv bias and q/k norm, and a KV cache."""
+
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+        self.c = c
+        h, n, k, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = Linear(h, n * d, ("embed", "heads"), bias=c.attention_bias, rngs=rngs)
+        self.k_proj = Linear(h, k * d, ("embed", "kv_heads"), bias=c.attention_bias, rngs=rngs)
+        self.v_proj = Linear(h, k * d, ("embed", "kv_heads"), bias=c.attention_bias, rngs=rngs)
+        self.o_proj = Linear(n * d, h, ("heads", "embed"), bias=False, rngs=rngs)
+        self.q_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
+
+    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, layer_cache, dtype):
+        c = self.c
+        b, t, _ = x.shape
+        q = self.q_proj(x, dtype).reshape(b, t, c.num_attention_heads, c.head_dim)
+        k = self.k_proj(x, dtype).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        v = self.v_proj(x, dtype).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            cache_k, cache_v, start = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+            new_cache = (k, v)
+        else:
+            new_cache = None
+        out = _attend(q, k.astype(dtype), v.astype(dtype), key_valid, q_slots, k_slots, c)
+        return self.o_proj(out.reshape(b, t, -1), dtype), new_cache
+
+
+def _attend(q, k, v, key_valid, q_slots, k_slots, c: ModelConfig):
+    """Softmax attention of q [B,T,N,D] over k, v [B,S,K,D]; masks are causal on slot indices."""
+    b, t, n, d = q.shape
+    groups = c.num_query_groups
+    q = q.reshape(b, t, c.num_key_value_heads, groups, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    if c.sliding_window is not None:
+        allowed &= (q_slots[:, None] - k_slots[None, :]) < c.sliding_window
+    allowed = allowed[None, :, :] & (key_valid[:, None, :] > 0)  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, n * d)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), bias=c.mlp_bias, rngs=rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), bias=c.mlp_bias, rngs=rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), bias=c.mlp_bias, rngs=rngs)
+
+    def __call__(self, x, dtype):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), dtype)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c, rngs=rngs)
+
+    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, layer_cache, dtype):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, q_slots, k_slots, layer_cache, dtype)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x), dtype)
+        return x, new_cache
+
+
+class Decoder(nnx.Module):
+    """A causal language model: ``model(input_ids, attention_mask, positions) -> logits``.
+
+    With ``cache=`` the call appends the new tokens to a :class:`KVCache` and returns
+    ``(logits, cache)``; prefill + single-token steps equal one full forward.
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.remat = False
+        c = config
+        self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
+        self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.lm_head = None if c.tie_word_embeddings else _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, hidden] in the compute dtype (and the updated cache)."""
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), jnp.int32)
+        attention_mask = attention_mask.astype(jnp.int32)
+        start = cache.lengths[:, None] if cache is not None else 0
+        if positions is None:
+            positions = jnp.maximum(start + jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        cos, sin = rope_tables(positions, jnp.asarray(inverse_frequencies(self.config)))
+        if cache is None:
+            q_slots = k_slots = jnp.arange(t)
+            key_valid = attention_mask
+        else:
+            q_slots = cache.index + jnp.arange(t)
+            k_slots = jnp.arange(cache.max_len)
+            key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+        x = self.embed_tokens[...][input_ids].astype(self.dtype)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
+            if self.remat and cache is None:
+                x, kv = nnx.remat(lambda m, *a: m(*a), static_argnums=(8,))(
+                    layer, x, cos, sin, key_valid, q_slots, k_slots, None, self.dtype
+                )
+            else:
+                x, kv = layer(x, cos, sin, key_valid, q_slots, k_slots, layer_cache, self.dtype)
+            if kv is not None:
+                new_keys.append(kv[0])
+                new_values.append(kv[1])
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        new_cache = KVCache(
+            keys=tuple(new_keys),
+            values=tuple(new_values),
+            mask=key_valid,
+            index=cache.index + t,
+            lengths=cache.lengths + attention_mask.sum(axis=1),
+        )
+        return x, new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Project hidden states to vocabulary logits in float32."""
+        if self.lm_head is None:
+            w = self.embed_tokens[...].T
+        else:
+            w = self.lm_head[...]
+        return jnp.dot(hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache=cache)
+        logits = self.logits(hidden)
+        if cache is None:
+            return logits
+        return logits, new_cache

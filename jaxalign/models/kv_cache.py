@@ -1,0 +1,42 @@
+"""A preallocated key/value cache for prefill + decode."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from jaxalign.models.config import ModelConfig
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer keys and values [B, max_len, kv_heads, head_dim] and the slots' bookkeeping.
+
+    ``mask`` marks slots holding real tokens (left padding of prompts stays 0), ``index`` is the
+    next free slot (shared by every row), ``lengths`` counts each row's real tokens so far and
+    gives the next position.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    mask: jax.Array  # [B, max_len] int32
+    index: jax.Array  # [] int32
+    lengths: jax.Array  # [B] int32
+
+    @property
+    def max_len(self) -> int:
+        return self.mask.shape[1]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for ``batch_size`` rows of at most ``max_len`` tokens."""
+    shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    return KVCache(
+        keys=zeros,
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+        mask=jnp.zeros((batch_size, max_len), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+        lengths=jnp.zeros((batch_size,), jnp.int32),
+    )
