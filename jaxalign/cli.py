@@ -9,7 +9,7 @@ import sys
 from jaxalign.errors import JaxalignError
 
 # Subcommand modules, in the order `jaxalign --help` lists them.
-COMMANDS = ["export"]
+COMMANDS = ["sft", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

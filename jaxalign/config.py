@@ -1,0 +1,175 @@
+"""The option schema: ms-swift's flag names and defaults, validation, and config files.
+
+Options come from three layers, later ones winning: the defaults below, a ``--config
+configs/NAME.py`` file whose ``get_config()`` returns an ``ml_collections.ConfigDict``, and
+command-line flags. The result is one ``ConfigDict`` handed to the trainers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+
+from jaxalign.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    default: Any
+    type: type
+    help: str
+    choices: tuple | None = None
+    commands: tuple[str, ...] = ("sft", "rlhf")
+
+
+_T = ("sft", "rlhf")
+_RLHF = ("rlhf",)
+
+OPTIONS: dict[str, Option] = {
+    # Model and data
+    "model": Option(None, str, "Hugging Face model folder (or jaxalign checkpoint) to start from"),
+    "dataset": Option(None, str, "dataset file(s), comma-separated; FILE#N samples N rows"),
+    "val_dataset": Option(None, str, "explicit evaluation dataset"),
+    "split_dataset_ratio": Option(0.0, float, "fraction of the dataset held out for evaluation"),
+    "output_dir": Option("output", str, "where checkpoints, logs and the final model go"),
+    "max_length": Option(2048, int, "longest tokenised sequence (prompt + response)"),
+    "truncation_strategy": Option("delete", str, "what to do with longer rows", ("delete", "left", "right")),
+    "template": Option(None, str, "chat template: the tokenizer's own (default) or 'plain'", (None, "plain")),
+    "loss_scale": Option("last_round", str, "which assistant turns are trained", ("last_round", "all")),
+    "ignore_bad_rows": Option(False, bool, "skip malformed rows (counted) instead of stopping"),
+    "length_buckets": Option(None, str, "comma-separated padded lengths; default powers of two up to max_length"),
+    # Optimisation
+    "per_device_train_batch_size": Option(1, int, "rows per device per micro-batch"),
+    "per_device_eval_batch_size": Option(1, int, "rows per device per evaluation batch"),
+    "gradient_accumulation_steps": Option(None, int, "micro-batches per step (default: so the total batch is >= 16)"),
+    "learning_rate": Option(1e-5, float, "peak learning rate (ms-swift's full fine-tuning default)"),
+    "lr_scheduler_type": Option("cosine", str, "learning-rate schedule", ("cosine", "linear", "constant")),
+    "warmup_ratio": Option(0.0, float, "fraction of steps with linear warm-up"),
+    "weight_decay": Option(0.1, float, "AdamW weight decay (matrices only)"),
+    "adam_beta1": Option(0.9, float, "AdamW beta1"),
+    "adam_beta2": Option(0.95, float, "AdamW beta2"),
+    "adam_epsilon": Option(1e-8, float, "AdamW epsilon"),
+    "max_grad_norm": Option(1.0, float, "global gradient-norm clip (0 disables)"),
+    "num_train_epochs": Option(3.0, float, "passes over the training set"),
+    "max_steps": Option(-1, int, "stop after this many steps (overrides num_train_epochs when > 0)"),
+    "seed": Option(42, int, "seed for initialisation, dropout-free sampling and the trainer"),
+    "data_seed": Option(42, int, "seed for dataset shuffling and sampling"),
+    "gradient_checkpointing": Option(True, bool, "rematerialise each layer in the backward pass"),
+    "torch_dtype": Option("float32", str, "compute dtype (params stay float32)", ("float32", "bfloat16")),
+    "mesh": Option("data=1,fsdp=-1,tensor=1", str, "device mesh, e.g. data=2,fsdp=-1,tensor=1"),
+    # Logging and checkpoints
+    "logging_steps": Option(5, int, "log metrics every N steps"),
+    "eval_steps": Option(None, int, "evaluate every N steps (default: save_steps)"),
+    "save_steps": Option(500, int, "checkpoint every N steps"),
+    "save_total_limit": Option(None, int, "keep at most N checkpoints (oldest removed)"),
+    "resume_from_checkpoint": Option(None, str, "checkpoint folder, or 'latest' in output_dir"),
+    "report_to": Option("none", str, "extra metric sink", ("none", "tensorboard")),
+    "save_hf": Option(True, bool, "export the final model as a Hugging Face folder into output_dir"),
+}
+
+
+def default_config(command: str) -> ml_collections.ConfigDict:
+    """Every option of ``command`` at its default."""
+    values = {k: o.default for k, o in OPTIONS.items() if command in o.commands}
+    return ml_collections.ConfigDict(values, type_safe=False)
+
+
+def load_config_file(path: str | Path) -> ml_collections.ConfigDict:
+    """Run ``get_config()`` from a Python config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {p}: no such file; configs live in configs/*.py")
+    spec = importlib.util.spec_from_file_location(f"jaxalign_config_{p.stem}", p)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - a user file: report it in one line
+        raise ConfigError(f"--config {p}: failed to run ({type(e).__name__}: {e})") from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"--config {p}: defines no get_config() function")
+    return module.get_config()
+
+
+def parse_bool(value: str | bool, name: str = "option") -> bool:
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in ("true", "1", "yes", "on"):
+        return True
+    if v in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"--{name} {value!r}: expected true or false")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert and check one option value; refuse it with the valid choices."""
+    opt = OPTIONS[name]
+    if value is None or (isinstance(value, str) and value.lower() == "none" and opt.default is None):
+        return None
+    try:
+        if opt.type is bool:
+            value = parse_bool(value, name)
+        elif opt.type is int:
+            value = int(value)
+        elif opt.type is float:
+            value = float(value)
+        else:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--{name} {value!r}: expected {opt.type.__name__}") from None
+    if opt.choices is not None and value not in opt.choices:
+        valid = ", ".join(str(c) for c in opt.choices if c is not None)
+        raise ConfigError(f"--{name} {value!r}: not one of {valid}")
+    return value
+
+
+def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Defaults <- config file <- flags, each value validated."""
+    cfg = default_config(command)
+    for layer, source in ((file_config or {}, "config file"), (flags, "command line")):
+        for key, value in dict(layer).items():
+            if key not in OPTIONS:
+                raise ConfigError(f"{source}: unknown option {key!r}; see `jaxalign {command} --help`")
+            cfg[key] = coerce(key, value)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: ml_collections.ConfigDict) -> None:
+    positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps", "save_steps")
+    for key in positive:
+        if key in cfg and cfg[key] is not None and cfg[key] <= 0:
+            raise ConfigError(f"--{key} {cfg[key]}: must be positive")
+    if cfg.get("gradient_accumulation_steps") is not None and cfg.gradient_accumulation_steps <= 0:
+        raise ConfigError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}: must be positive")
+    if not 0.0 <= cfg.get("split_dataset_ratio", 0.0) < 1.0:
+        raise ConfigError(f"--split_dataset_ratio {cfg.split_dataset_ratio}: must be in [0, 1)")
+    if not 0.0 <= cfg.get("warmup_ratio", 0.0) <= 1.0:
+        raise ConfigError(f"--warmup_ratio {cfg.warmup_ratio}: must be in [0, 1]")
+
+
+def add_flags(parser, command: str) -> None:
+    """Register every option of ``command`` as --name on an argparse parser (values validated later)."""
+    parser.add_argument("--config", default=None, help="configs/NAME.py whose get_config() sets defaults")
+    for name, opt in OPTIONS.items():
+        if command not in opt.commands:
+            continue
+        extra = f" (choices: {', '.join(str(c) for c in opt.choices if c is not None)})" if opt.choices else ""
+        parser.add_argument(f"--{name}", default=argparse_unset, help=f"{opt.help}; default {opt.default!r}{extra}")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+argparse_unset = _Unset()
+
+
+def flags_from_namespace(ns) -> dict[str, Any]:
+    """The options the user actually passed on the command line."""
+    return {k: v for k, v in vars(ns).items() if k in OPTIONS and v is not argparse_unset}

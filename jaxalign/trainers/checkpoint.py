@@ -1,0 +1,106 @@
+"""Orbax checkpoints in ``output_dir/checkpoint-N/``: train state plus a JSON of run metadata.
+
+Orbax writes each checkpoint to a temporary folder and renames it when complete, so a
+checkpoint folder either exists whole or not at all. Saves are asynchronous; the next save
+(or ``close``) waits for the previous one. Older checkpoints beyond ``save_total_limit`` are
+removed only after the new one is final.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jaxalign.errors import CheckpointError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints in ``output_dir``, oldest first."""
+    out = []
+    root = Path(output_dir)
+    if not root.is_dir():
+        return out
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / "meta").exists():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def resolve_resume(spec: str, output_dir: str | Path) -> Path:
+    """'latest' -> the newest checkpoint in output_dir; otherwise the folder given."""
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {output_dir}")
+        return found[-1][1]
+    p = Path(spec)
+    if not (p / "meta").exists() or not (p / "state").exists():
+        raise CheckpointError(f"--resume_from_checkpoint {spec}: not a jaxalign checkpoint folder (no state/ and meta/)")
+    return p
+
+
+class CheckpointWriter:
+    """Saves train states asynchronously and prunes old checkpoints."""
+
+    def __init__(self, output_dir: str | Path, save_total_limit: int | None):
+        self.root = Path(output_dir)
+        self.limit = save_total_limit
+        self._ckptr = ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
+        self._pending = False
+
+    def save(self, step: int, state: Any, meta: dict) -> Path:
+        self.wait()
+        path = self.root / f"checkpoint-{step}"
+        if path.exists():
+            shutil.rmtree(path)
+        self._ckptr.save(
+            path.absolute(),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        )
+        self._pending = True
+        return path
+
+    def wait(self) -> None:
+        if self._pending:
+            self._ckptr.wait_until_finished()
+            self._pending = False
+            self._prune()
+
+    def _prune(self) -> None:
+        if not self.limit or self.limit <= 0 or jax.process_index() != 0:
+            return
+        found = list_checkpoints(self.root)
+        for _, p in found[: max(len(found) - self.limit, 0)]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def close(self) -> None:
+        self.wait()
+        self._ckptr.close()
+
+
+def read_meta(path: str | Path) -> dict:
+    """The JSON metadata of a checkpoint (step, data position, config, model config)."""
+    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    out = ckptr.restore(Path(path).absolute(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
+
+
+def restore_state(path: str | Path, abstract_state: Any) -> Any:
+    """Restore a train state onto the shardings of ``abstract_state`` (a tree of arrays or ShapeDtypeStructs)."""
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), abstract_state
+    )
+    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    try:
+        out = ckptr.restore(Path(path).absolute(), args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: checkpoint does not match this model/optimizer ({str(e).splitlines()[0]})") from None
+    return out["state"]

@@ -1,0 +1,30 @@
+"""Supervised fine-tuning: token-mean negative log-likelihood of the response tokens."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxalign.trainers.logprobs import token_logps
+
+
+class SFT:
+    """The SFT algorithm for :class:`jaxalign.trainers.loop.Trainer`."""
+
+    task = "sft"
+    curve_keys = ("loss", "token_acc", "eval_loss")
+
+    def totals_fn(self, batch):
+        # Every response token of the whole accumulated batch weighs the same.
+        return {"tokens": jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)}
+
+    def loss_fn(self, model, micro, totals, extra, rng):
+        logits = model(micro["input_ids"], micro["attention_mask"])
+        logps = token_logps(logits, micro["input_ids"])
+        mask = micro["loss_mask"]
+        nll = -jnp.sum(logps * mask) / totals["tokens"]
+        predicted = jnp.argmax(logits[:, :-1], axis=-1)
+        correct = (predicted == micro["input_ids"][:, 1:]).astype(jnp.float32) * mask[:, 1:]
+        return nll, {"token_acc": jnp.sum(correct) / totals["tokens"]}
+
+    def extra(self):
+        return None
