@@ -37,9 +37,15 @@ OPTIONS: dict[str, Option] = {
     "split_dataset_ratio": Option(0.0, float, "fraction of the dataset held out for evaluation"),
     "output_dir": Option("output", str, "where checkpoints, logs and the final model go"),
     "max_length": Option(2048, int, "longest tokenised sequence (prompt + response)"),
-    "truncation_strategy": Option("delete", str, "what to do with longer rows", ("delete", "left", "right")),
+    "truncation_strategy": Option(
+        None, str, "what to do with longer rows (default: delete; left for prompt-only GRPO/PPO data)",
+        (None, "delete", "left", "right"),
+    ),
     "template": Option(None, str, "chat template: the tokenizer's own (default) or 'plain'", (None, "plain")),
-    "loss_scale": Option("last_round", str, "which assistant turns are trained", ("last_round", "all")),
+    "loss_scale": Option(
+        "last_round", str, "trained tokens: the last reply, every reply (default) or every token (all)",
+        ("last_round", "default", "all"),
+    ),
     "ignore_bad_rows": Option(False, bool, "skip malformed rows (counted) instead of stopping"),
     "length_buckets": Option(None, str, "comma-separated padded lengths; default powers of two up to max_length"),
     # Optimisation

@@ -11,7 +11,9 @@ HELP = "write a Hugging Face folder (safetensors, config, generation config, tok
 
 def register(sub) -> None:
     p = sub.add_parser(NAME, help=HELP, description=HELP)
-    p.add_argument("--model", required=True, help="source: a Hugging Face model folder")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt_dir", help="source: a jaxalign checkpoint folder (output_dir/checkpoint-N)")
+    src.add_argument("--model", help="source: a Hugging Face model folder")
     p.add_argument("--output_dir", required=True, help="destination folder (must not already hold a model)")
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard (default 5GB)")
     p.set_defaults(func=run)
@@ -19,11 +21,18 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from jaxalign.convert import load_hf_model, save_hf_model
+    from jaxalign.trainers.checkpoint_model import load_checkpoint_model
 
-    model = load_hf_model(args.model, dtype="float32")
-    tokenizer = load_tokenizer_if_present(args.model)
+    if args.ckpt_dir:
+        src = Path(args.ckpt_dir)
+        model = load_checkpoint_model(src)
+        tokenizer = load_tokenizer_if_present(src.parent / "tokenizer")
+    else:
+        src = Path(args.model)
+        model = load_hf_model(src, dtype="float32")
+        tokenizer = load_tokenizer_if_present(src)
     out = save_hf_model(model, args.output_dir, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
-    print(f"exported {args.model} -> {out}")
+    print(f"exported {src} -> {out}")
     return 0
 
 

@@ -35,11 +35,11 @@ def check_output_dir(cfg) -> None:
         )
 
 
-def run_offline(cfg, algorithm, *, quiet: bool = False):
-    """Train ``algorithm`` as ``cfg`` says; return the Trainer (history in ``trainer.history``)."""
-    from jaxalign.convert import load_hf_model, save_hf_model
+def build_trainer(cfg, algorithm, *, quiet: bool = False):
+    """Mesh, tokenizer, model and data as ``cfg`` says, wrapped in a ready Trainer."""
     from jaxalign.data import prepare_data
     from jaxalign.parallel import initialize_distributed, make_mesh
+    from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.loop import Trainer
 
     if not cfg.model:
@@ -50,7 +50,7 @@ def run_offline(cfg, algorithm, *, quiet: bool = False):
     initialize_distributed()
     mesh = make_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_hf_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
+    model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
     data = prepare_data(
         cfg.dataset,
         algorithm.task,
@@ -66,8 +66,20 @@ def run_offline(cfg, algorithm, *, quiet: bool = False):
     )
     if not quiet:
         print("jaxalign: data " + json.dumps(data.stats))
-    trainer = Trainer(cfg, algorithm, model, tokenizer, data, mesh)
+    return Trainer(cfg, algorithm, model, tokenizer, data, mesh)
+
+
+def finish(trainer) -> None:
+    """Export the final policy into output_dir as a Hugging Face folder (unless --save_hf false)."""
+    from jaxalign.convert import save_hf_model
+
+    if trainer.cfg.save_hf:
+        save_hf_model(trainer.model(), trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)
+
+
+def run_offline(cfg, algorithm, *, quiet: bool = False):
+    """Train ``algorithm`` as ``cfg`` says and export; return the Trainer (``trainer.history``)."""
+    trainer = build_trainer(cfg, algorithm, quiet=quiet)
     trainer.history = trainer.train()
-    if cfg.save_hf:
-        save_hf_model(trainer.model(), cfg.output_dir, tokenizer=tokenizer, overwrite=True)
+    finish(trainer)
     return trainer

@@ -1,0 +1,238 @@
+"""`jaxalign infer`: generate responses for a prompt or a JSONL file of ms-swift rows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+NAME = "infer"
+HELP = "generate responses with the pure-JAX sampler (a prompt or a JSONL file of ms-swift rows)"
+DESCRIPTION = (
+    HELP + ". Each result is one JSON line {prompt, response, response_token_ids, finish_reason}, streamed to "
+    "--output_file (written under a temporary name, renamed when complete) or to stdout. Sampling settings not "
+    "given on the command line come from the model's generation_config.json when it sets do_sample=true; "
+    "otherwise decoding is greedy (temperature 0), as `swift infer` does with an unset temperature."
+)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(NAME, help=HELP, description=DESCRIPTION)
+    p.add_argument("--model", required=True,
+                   help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files); "
+                        "jaxalign training checkpoints will be accepted in a later release — export them first")
+    p.add_argument("--prompt", help="one user message to answer")
+    p.add_argument("--system", help="system message placed before --prompt")
+    p.add_argument("--input_file", help="JSONL rows in ms-swift format ('messages', or 'query' [+ 'system', "
+                                        "'history']); a final assistant turn is dropped")
+    p.add_argument("--output_file", help="JSONL destination (default: print the rows to stdout)")
+    p.add_argument("--max_new_tokens", type=int, default=256, help="response budget in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: generation_config.json's when it sets do_sample, else 0")
+    p.add_argument("--top_k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--repetition_penalty", type=float, default=None, help="Hugging Face's rule (1.0 = off)")
+    p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (default 8)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
+    p.add_argument("--template", choices=("default", "plain"), default="default",
+                   help="chat template: the tokenizer's own (default) or a plain 'role: text' fallback")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--mesh", default=None,
+                   help="device mesh such as 'data=1,fsdp=-1,tensor=1' (default: one device); "
+                        "--batch_size must be a multiple of data*fsdp")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxalign.errors import ConfigError
+
+    if (args.prompt is None) == (args.input_file is None):
+        raise ConfigError("pass exactly one of --prompt TEXT or --input_file FILE.jsonl")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens {args.max_new_tokens}: must be at least 1")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size {args.batch_size}: must be at least 1")
+    if args.prompt is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        conversations = [(messages + [{"role": "user", "content": args.prompt}], "--prompt")]
+    else:
+        conversations = read_prompt_rows(args.input_file)
+    if not conversations:
+        raise ConfigError(f"{args.input_file}: no rows; give at least one JSON line")
+
+    import jax
+
+    from jaxalign.convert import load_hf_model
+    from jaxalign.data.template import ChatRenderer
+    from jaxalign.parallel import make_mesh
+    from jaxalign.rollout import default_stop_token_ids, generate
+
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    tokenizer = _load_tokenizer(args.model)
+    model = load_hf_model(args.model, dtype=args.dtype, mesh=mesh)
+    config = model.config
+    sampling = sampling_settings(args, config.generation_config or {})
+    _check_sampling(sampling)
+    stops = list(default_stop_token_ids(config))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(int(tokenizer.eos_token_id))
+    pad_id = next(x for x in (tokenizer.pad_token_id, config.pad_token_id, 0) if x is not None)
+    renderer = ChatRenderer(tokenizer, None if args.template == "default" else args.template)
+    encoded = []
+    for messages, where in conversations:
+        text = renderer.render(messages, add_generation_prompt=True, where=where)
+        ids = renderer.encode_text(text)
+        if not ids:
+            raise ConfigError(f"{where}: the prompt renders to no tokens")
+        encoded.append((text, ids))
+
+    key = jax.random.key(args.seed)
+    writer = _Writer(args.output_file)
+    try:
+        for start in range(0, len(encoded), args.batch_size):
+            chunk = encoded[start:start + args.batch_size]
+            ids, mask = left_pad([c[1] for c in chunk], args.batch_size, pad_id)
+            out = generate(
+                model, ids, mask, max_new_tokens=args.max_new_tokens, stop_token_ids=stops,
+                rng=jax.random.fold_in(key, start), pad_token_id=pad_id, mesh=mesh, **sampling,
+            )
+            tokens, lengths, finished = jax.device_get((out.tokens, out.lengths, out.finished))
+            for i, (text, _) in enumerate(chunk):
+                resp = [int(t) for t in tokens[i, : lengths[i]]]
+                shown = resp[:-1] if finished[i] else resp
+                writer.write({
+                    "prompt": text,
+                    "response": tokenizer.decode(shown, skip_special_tokens=True),
+                    "response_token_ids": resp,
+                    "finish_reason": "stop" if finished[i] else "length",
+                })
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    if args.output_file:
+        print(f"wrote {len(encoded)} responses to {args.output_file}")
+    return 0
+
+
+def read_prompt_rows(path: str) -> list[tuple[list[dict[str, Any]], str]]:
+    """(messages, "file line N") for each row of an ms-swift JSONL file; a final assistant turn is dropped."""
+    from jaxalign.data.formats import BadRow, normalize_row
+    from jaxalign.data.rows import Row
+    from jaxalign.errors import DataError
+
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file; check --input_file")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path} line {lineno}: bad JSON ({e.msg} at column {e.colno}); fix the line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            row = Row(obj, path, lineno, is_jsonl=True)
+            try:
+                example = normalize_row(row, "prompt", name="infer")
+            except BadRow as e:
+                raise DataError(f"{row.where}: {e}; fix the row") from None
+            out.append((example.messages, row.where))
+    return out
+
+
+def sampling_settings(args: argparse.Namespace, gen: dict[str, Any]) -> dict[str, Any]:
+    """Command-line values, else generation_config.json's when it samples, else greedy."""
+    samples = bool(gen.get("do_sample"))
+
+    def pick(name, fallback_sampling, off):
+        value = getattr(args, name)
+        if value is not None:
+            return value
+        if samples and gen.get(name) is not None:
+            return gen[name]
+        return fallback_sampling if samples else off
+
+    rep = args.repetition_penalty if args.repetition_penalty is not None else gen.get("repetition_penalty") or 1.0
+    return dict(
+        temperature=float(pick("temperature", 1.0, 0.0)),
+        top_k=int(pick("top_k", 50, 0) or 0),
+        top_p=float(pick("top_p", 1.0, 1.0)),
+        repetition_penalty=float(rep),
+    )
+
+
+def _check_sampling(s: dict[str, Any]) -> None:
+    from jaxalign.errors import ConfigError
+
+    if s["temperature"] < 0:
+        raise ConfigError(f"--temperature {s['temperature']}: must be >= 0 (0 = greedy)")
+    if s["top_k"] < 0:
+        raise ConfigError(f"--top_k {s['top_k']}: must be >= 0 (0 = off)")
+    if not 0 < s["top_p"] <= 1:
+        raise ConfigError(f"--top_p {s['top_p']}: must be in (0, 1]")
+    if s["repetition_penalty"] <= 0:
+        raise ConfigError(f"--repetition_penalty {s['repetition_penalty']}: must be > 0 (1 = off)")
+
+
+def left_pad(seqs: list[list[int]], batch_size: int, pad_id: int):
+    """Left-padded ids and mask [batch_size, bucket]; the bucket is the next power of two (>= 16) of the
+    longest prompt, and missing rows repeat the first prompt (their results are dropped)."""
+    import numpy as np
+
+    longest = max(len(s) for s in seqs)
+    bucket = max(16, 1 << (longest - 1).bit_length())
+    rows = list(seqs) + [seqs[0]] * (batch_size - len(seqs))
+    ids = np.full((batch_size, bucket), pad_id, np.int32)
+    mask = np.zeros((batch_size, bucket), np.int32)
+    for i, s in enumerate(rows):
+        ids[i, bucket - len(s):] = s
+        mask[i, bucket - len(s):] = 1
+    return ids, mask
+
+
+def _load_tokenizer(folder: str):
+    from jaxalign.errors import CheckpointError
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder; pass a Hugging Face model directory to --model")
+    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
+        raise CheckpointError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json); "
+                              "save the tokenizer next to the model")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+class _Writer:
+    """JSON lines to stdout, or to ``path`` through a temporary file renamed on close."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = f"{path}.tmp-{os.getpid()}"
+            self.f = open(self.tmp, "w", encoding="utf-8")
+        else:
+            self.f = sys.stdout
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        if self.path:
+            self.f.close()
+            os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self.path:
+            self.f.close()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)

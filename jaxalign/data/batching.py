@@ -1,0 +1,152 @@
+"""Length buckets and a deterministic, resumable batch iterator with fixed batch shapes.
+
+Every example is assigned to the smallest bucket that holds it; a batch takes rows from one
+bucket only and is padded to that bucket's length, so the train step compiles once per
+bucket. The order is a pure function of ``(seed, epoch)``: each epoch shuffles the rows
+with ``seed + epoch``, cuts each bucket into batches and shuffles the batches. ``state()``
+is ``{"epoch", "position"}``; ``restore(state)`` continues the exact same sequence.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxalign.data.collate import collate, required_length
+from jaxalign.data.encode import EncodedExample
+from jaxalign.errors import ConfigError
+
+
+def make_buckets(max_length: int, *, min_length: int = 64, buckets: Sequence[int] | None = None) -> list[int]:
+    """Bucket lengths: ``buckets`` if given (sorted), else powers of two from ``min_length``
+    below ``max_length``, then ``max_length`` itself (e.g. 2048 -> 64, 128, ..., 2048)."""
+    if buckets:
+        out = sorted({int(b) for b in buckets})
+        if out[0] < 1:
+            raise ConfigError(f"buckets {list(buckets)}: lengths must be positive")
+        return out
+    if max_length < 1:
+        raise ConfigError(f"--max_length {max_length}: must be positive")
+    out = []
+    b = max(1, int(min_length))
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    out.append(int(max_length))
+    return out
+
+
+def bucket_for(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket length >= ``length``."""
+    i = bisect.bisect_left(buckets, length)
+    if i == len(buckets):
+        raise ConfigError(
+            f"a sequence of {length} tokens is longer than the largest bucket ({buckets[-1]}); "
+            "raise --max_length or use --truncation_strategy delete|left|right"
+        )
+    return int(buckets[i])
+
+
+class BatchIterator:
+    """Endless iterator of fixed-shape numpy batches over ``examples``, epoch after epoch.
+
+    ``len(it)`` is the number of batches per epoch. With ``drop_last`` each bucket's last
+    incomplete batch is dropped (every batch has ``batch_size`` rows); without it that batch
+    is yielded short. ``num_shards``/``shard_index`` give each host its slice of the rows of
+    every (global) batch; shapes are computed from the global batch so all hosts agree.
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[EncodedExample],
+        batch_size: int,
+        buckets: Sequence[int],
+        seed: int,
+        drop_last: bool = True,
+        *,
+        pad_id: int = 0,
+        num_shards: int = 1,
+        shard_index: int = 0,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"batch size {batch_size}: must be at least 1")
+        if num_shards > 1 and not drop_last:
+            raise ConfigError("sharding batches over hosts needs drop_last=True (every batch full)")
+        if batch_size % num_shards:
+            raise ConfigError(
+                f"batch size {batch_size} does not divide over {num_shards} hosts; use a multiple of {num_shards}"
+            )
+        self.examples = list(examples)
+        self.batch_size = int(batch_size)
+        self.buckets = sorted(int(b) for b in buckets)
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.pad_id = int(pad_id)
+        self.num_shards = int(num_shards)
+        self.shard_index = int(shard_index)
+        self._bucket_of = np.asarray([bucket_for(ex.length, self.buckets) for ex in self.examples], dtype=np.int64)
+        self.epoch = 0
+        self.position = 0
+        self._plan_epoch = -1
+        self._plan: list[np.ndarray] = []
+        if len(self) == 0:
+            raise ConfigError(
+                f"{len(self.examples)} usable rows cannot fill one batch of {batch_size} per length bucket; "
+                "lower the batch size or add data"
+            )
+
+    def __len__(self) -> int:
+        counts = np.unique(self._bucket_of, return_counts=True)[1] if self.examples else []
+        return int(sum(c // self.batch_size if self.drop_last else -(-c // self.batch_size) for c in counts))
+
+    def epoch_plan(self, epoch: int) -> list[np.ndarray]:
+        """The row indices of every batch of ``epoch``, in order."""
+        rng = np.random.default_rng(self.seed + epoch)
+        order = rng.permutation(len(self.examples))
+        batches: list[np.ndarray] = []
+        for bucket in self.buckets:
+            rows = order[self._bucket_of[order] == bucket]
+            stop = len(rows) - len(rows) % self.batch_size if self.drop_last else len(rows)
+            batches.extend(rows[i : i + self.batch_size] for i in range(0, stop, self.batch_size))
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def state(self) -> dict[str, int]:
+        """Where the iterator is: the epoch and the index of the next batch in it."""
+        return {"epoch": int(self.epoch), "position": int(self.position)}
+
+    def restore(self, state: dict[str, int]) -> None:
+        """Continue from a :meth:`state` (e.g. one saved in a checkpoint)."""
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._plan_epoch != self.epoch:
+            self._plan, self._plan_epoch = self.epoch_plan(self.epoch), self.epoch
+        if self.position >= len(self._plan):
+            self.epoch, self.position = self.epoch + 1, 0
+            return next(self)
+        idx = self._plan[self.position]
+        self.position += 1
+        return self.make_batch(idx)
+
+    def iter_epoch(self, epoch: int = 0) -> Iterator[dict[str, Any]]:
+        """The batches of one epoch (e.g. an evaluation pass), leaving :meth:`state` alone."""
+        for idx in self.epoch_plan(epoch):
+            yield self.make_batch(idx)
+
+    def make_batch(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Collate the rows ``indices`` into one batch of this iterator's shapes."""
+        rows = [self.examples[i] for i in indices]
+        length = bucket_for(required_length(rows, self.buckets[-1]), self.buckets)
+        batch = collate(rows, length, self.pad_id)
+        if self.num_shards > 1:
+            per = len(rows) // self.num_shards
+            lo, hi = self.shard_index * per, (self.shard_index + 1) * per
+            batch = {k: v[lo:hi] for k, v in batch.items()}
+        return batch

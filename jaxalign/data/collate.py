@@ -1,0 +1,114 @@
+"""Pad encoded examples into fixed-shape numpy batches (the trainers' array conventions).
+
+- SFT: ``input_ids`` int32 [B,L], ``attention_mask`` int32 [B,L], ``loss_mask`` float32
+  [B,L]; right padded. ``loss_mask[b,t]`` = 1 when token t is trained (predicted from the
+  logits at t-1), so ``loss_mask[:,0]`` is 0.
+- Pair: ``chosen_*`` and ``rejected_*`` versions of the three, one shared L, plus ``margin``
+  float32 [B].
+- KTO: the SFT three, ``label`` bool [B], and ``kl_input_ids``/``kl_attention_mask``/
+  ``kl_loss_mask``: prompt i with completion (i+1) mod B.
+- Prompt: ``prompt_input_ids`` int32 [B,P] and ``prompt_attention_mask`` int32 [B,P], left
+  padded, plus ``extras`` (a list of per-row dicts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxalign.data.encode import EncodedExample, KTOExample, PairExample, PromptExample, SFTExample
+
+
+def kl_rotation(n: int) -> list[int]:
+    """Completion index paired with prompt i in the KTO KL batch: ``(i + 1) % n``."""
+    return [(i + 1) % n for i in range(n)]
+
+
+def required_length(examples: Sequence[EncodedExample], max_length: int | None = None) -> int:
+    """The longest sequence a batch of ``examples`` holds (KTO counts its KL pairs too)."""
+    lengths = [ex.length for ex in examples]
+    if examples and isinstance(examples[0], KTOExample):
+        for ex, j in zip(examples, kl_rotation(len(examples))):
+            kl = ex.prompt_ids.shape[0] + examples[j].completion_ids.shape[0]  # type: ignore[union-attr]
+            lengths.append(kl if max_length is None else min(kl, max_length))
+    return max(lengths) if lengths else 0
+
+
+def collate(examples: Sequence[EncodedExample], length: int, pad_id: int) -> dict[str, Any]:
+    """One batch of ``examples`` padded to ``length`` (dispatches on the example type)."""
+    first = examples[0]
+    if isinstance(first, SFTExample):
+        return collate_sft(examples, length, pad_id)  # type: ignore[arg-type]
+    if isinstance(first, PairExample):
+        return collate_pair(examples, length, pad_id)  # type: ignore[arg-type]
+    if isinstance(first, KTOExample):
+        return collate_kto(examples, length, pad_id)  # type: ignore[arg-type]
+    if isinstance(first, PromptExample):
+        return collate_prompt(examples, length, pad_id)  # type: ignore[arg-type]
+    raise TypeError(f"cannot batch {type(first).__name__}")
+
+
+def _pad_right(seqs: Sequence[tuple[np.ndarray, np.ndarray]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    b = len(seqs)
+    ids = np.full((b, length), pad_id, dtype=np.int32)
+    attn = np.zeros((b, length), dtype=np.int32)
+    loss = np.zeros((b, length), dtype=np.float32)
+    for i, (seq, mask) in enumerate(seqs):
+        n = min(seq.shape[0], length)
+        ids[i, :n] = seq[:n]
+        attn[i, :n] = 1
+        loss[i, :n] = mask[:n]
+    loss[:, 0] = 0.0
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def collate_sft(examples: Sequence[SFTExample], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """SFT batch, right padded to ``length``."""
+    return _pad_right([(ex.input_ids, ex.loss_mask) for ex in examples], length, pad_id)
+
+
+def collate_pair(examples: Sequence[PairExample], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Preference batch: chosen and rejected padded to one shared ``length``, plus margins."""
+    chosen = _pad_right([(ex.chosen_ids, ex.chosen_mask) for ex in examples], length, pad_id)
+    rejected = _pad_right([(ex.rejected_ids, ex.rejected_mask) for ex in examples], length, pad_id)
+    out = {f"chosen_{k}": v for k, v in chosen.items()}
+    out.update({f"rejected_{k}": v for k, v in rejected.items()})
+    out["margin"] = np.asarray([ex.margin for ex in examples], dtype=np.float32)
+    return out
+
+
+def _kto_seq(prompt: np.ndarray, completion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.concatenate([prompt, completion]).astype(np.int32)
+    mask = np.concatenate([np.zeros(prompt.shape[0], np.int8), np.ones(completion.shape[0], np.int8)])
+    return ids, mask
+
+
+def collate_kto(examples: Sequence[KTOExample], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """KTO batch plus the mismatched KL batch (prompt i, completion (i+1) mod B), cut to ``length``."""
+    out = _pad_right([_kto_seq(ex.prompt_ids, ex.completion_ids) for ex in examples], length, pad_id)
+    rot = kl_rotation(len(examples))
+    kl = _pad_right(
+        [_kto_seq(ex.prompt_ids, examples[j].completion_ids) for ex, j in zip(examples, rot)], length, pad_id
+    )
+    out["label"] = np.asarray([ex.label for ex in examples], dtype=bool)
+    out.update({f"kl_{k}": v for k, v in kl.items()})
+    return out
+
+
+def collate_prompt(examples: Sequence[PromptExample], length: int, pad_id: int) -> dict[str, Any]:
+    """Prompt batch, LEFT padded to ``length`` (generation continues at the right edge)."""
+    b = len(examples)
+    ids = np.full((b, length), pad_id, dtype=np.int32)
+    attn = np.zeros((b, length), dtype=np.int32)
+    for i, ex in enumerate(examples):
+        seq = ex.prompt_ids[-length:]
+        n = seq.shape[0]
+        ids[i, length - n :] = seq
+        attn[i, length - n :] = 1
+    return {
+        "prompt_input_ids": ids,
+        "prompt_attention_mask": attn,
+        "extras": [dict(ex.extras) for ex in examples],
+    }

@@ -1,0 +1,73 @@
+"""One call from `--dataset` flags to encoded train/val examples, with drop counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jaxalign.data.encode import EncodedExample, Encoder
+from jaxalign.data.formats import Example, normalize_rows
+from jaxalign.data.loading import load_dataset_rows, split_rows
+
+
+@dataclass
+class PreparedData:
+    """Encoded train and validation examples, and what was dropped on the way."""
+
+    train: list[EncodedExample]
+    val: list[EncodedExample]
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def load_examples(
+    spec: str, task: str, *, seed: int = 42, ignore_bad_rows: bool = False
+) -> tuple[list[Example], int]:
+    """Load and validate ``spec`` for ``task``; returns (examples, number of bad rows skipped)."""
+    rows = load_dataset_rows(spec, seed=seed, ignore_bad_rows=ignore_bad_rows)
+    return normalize_rows(rows, task, ignore_bad_rows=ignore_bad_rows)
+
+
+def prepare_data(
+    dataset: str,
+    task: str,
+    tokenizer: Any,
+    *,
+    val_dataset: str | None = None,
+    split_dataset_ratio: float = 0.0,
+    data_seed: int = 42,
+    template: str | None = None,
+    max_length: int | None = 2048,
+    truncation_strategy: str | None = None,
+    loss_scale: str = "last_round",
+    ignore_bad_rows: bool = False,
+) -> PreparedData:
+    """Load, validate, split (``--split_dataset_ratio`` unless ``--val_dataset``) and encode.
+
+    ``stats`` counts ``bad_rows`` (skipped under ``ignore_bad_rows``), ``deleted_too_long``
+    (``truncation_strategy`` delete), ``no_loss_tokens`` (truncation left no trained token),
+    and the final ``train`` and ``val`` sizes.
+    """
+    encoder = Encoder(
+        tokenizer,
+        template=template,
+        max_length=max_length,
+        truncation_strategy=truncation_strategy,
+        loss_scale=loss_scale,
+        kind=task,
+    )
+    train_ex, bad = load_examples(dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows)
+    if val_dataset:
+        val_ex, bad_val = load_examples(val_dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows)
+        bad += bad_val
+    else:
+        train_ex, val_ex = split_rows(train_ex, split_dataset_ratio, data_seed)
+    train, s_train = encoder.encode_all(train_ex)
+    val, s_val = encoder.encode_all(val_ex)
+    stats = {
+        "bad_rows": bad,
+        "deleted_too_long": s_train.deleted_too_long + s_val.deleted_too_long,
+        "no_loss_tokens": s_train.no_loss_tokens + s_val.no_loss_tokens,
+        "train": len(train),
+        "val": len(val),
+    }
+    return PreparedData(train, val, stats)

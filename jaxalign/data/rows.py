@@ -1,0 +1,28 @@
+"""The raw dataset row, with the place it came from for error messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Row:
+    """One dataset row as read from disk.
+
+    ``line`` is the 1-based line number for ``.jsonl`` files and the 0-based row index for
+    every other format. ``error`` is set (and ``data`` empty) for a row that could not be
+    parsed, so the validator can report it or count it under ``--ignore_bad_rows``.
+    """
+
+    data: dict[str, Any]
+    source: str
+    line: int
+    is_jsonl: bool = False
+    error: str | None = field(default=None, compare=False)
+
+    @property
+    def where(self) -> str:
+        """``"file.jsonl line 7"`` or ``"file.parquet row 3"``."""
+        unit = "line" if self.is_jsonl else "row"
+        return f"{self.source} {unit} {self.line}"

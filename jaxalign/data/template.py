@@ -1,0 +1,57 @@
+"""Render conversations to text with the tokenizer's chat template (or a plain fallback)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxalign.errors import ConfigError, DataError
+
+# Used when the tokenizer has no chat template, or with --template plain.
+PLAIN_TEMPLATE: str = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ 'assistant: ' + message['content'] + (eos_token if eos_token else '') + '\\n' }}"
+    "{% else %}{{ message['role'] + ': ' + message['content'] + '\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+TEMPLATE_CHOICES: tuple[str, ...] = ("default", "plain")
+
+
+class ChatRenderer:
+    """Renders message lists to text; ``template`` None/"default" uses the tokenizer's own."""
+
+    def __init__(self, tokenizer: Any, template: str | None = None):
+        if template not in (None, *TEMPLATE_CHOICES):
+            raise ConfigError(
+                f"--template {template!r}: choose 'default' (the tokenizer's chat template) or 'plain'"
+            )
+        self.tokenizer = tokenizer
+        own = getattr(tokenizer, "chat_template", None)
+        self.uses_plain = template == "plain" or not own
+        self.chat_template: str | None = PLAIN_TEMPLATE if self.uses_plain else None
+
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, where: str = "") -> str:
+        """The conversation as text (``add_generation_prompt`` opens an assistant turn)."""
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                chat_template=self.chat_template,
+            )
+        except Exception as e:  # jinja's raise_exception and friends
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            prefix = f"{where}: " if where else ""
+            raise DataError(
+                f"{prefix}the chat template refused this conversation ({msg}); fix the row or pass --template plain"
+            ) from None
+        if not isinstance(text, str):  # some versions return a list for batched input
+            text = text[0]
+        return text
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` (templates already place BOS/EOS, so no special tokens added)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -1,0 +1,58 @@
+"""Held-out evaluation by generation: greedy exact match on rows with a ``solution`` column."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def render_prompts(tokenizer, rows: Sequence[dict[str, Any]]) -> list[list[int]]:
+    """Token ids of each row's prompt (messages without the final assistant turn) + generation prompt."""
+    out = []
+    for row in rows:
+        msgs = [m for m in row["messages"]]
+        if msgs and msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return out
+
+
+def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(seqs), length), pad_id, np.int32)
+    mask = np.zeros((len(seqs), length), np.int32)
+    for i, s in enumerate(seqs):
+        s = list(s)[-length:]
+        ids[i, length - len(s):] = s
+        mask[i, length - len(s):] = 1
+    return ids, mask
+
+
+def greedy_completions(model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """Greedy completions (decoded, special tokens dropped) in fixed-shape batches: one compilation."""
+    from jaxalign.rollout import generate
+
+    prompts = render_prompts(tokenizer, rows)
+    length = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        n = len(chunk)
+        chunk = chunk + [chunk[-1]] * (batch_size - n)  # same shape for every batch
+        ids, mask = left_pad(chunk, length, pad)
+        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=0.0, pad_token_id=pad)
+        tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        for i in range(n):
+            texts.append(tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True))
+    return texts
+
+
+def exact_match_accuracy(model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 64) -> tuple[float, list[str]]:
+    """Fraction of rows whose greedy completion equals the row's ``solution``; and the completions."""
+    from jaxalign.data.synthetic import exact_match
+
+    texts = greedy_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    hits = [exact_match(t, r["solution"]) for t, r in zip(texts, rows)]
+    return float(np.mean(hits)) if hits else 0.0, texts
