@@ -9,7 +9,7 @@ import sys
 from jaxalign.errors import JaxalignError
 
 # Subcommand modules, in the order `jaxalign --help` lists them.
-COMMANDS = ["demo", "sft", "infer", "export"]
+COMMANDS = ["demo", "sft", "rlhf", "infer", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -75,7 +75,25 @@ OPTIONS: dict[str, Option] = {
     "resume_from_checkpoint": Option(None, str, "checkpoint folder, or 'latest' in output_dir"),
     "report_to": Option("none", str, "extra metric sink", ("none", "tensorboard")),
     "save_hf": Option(True, bool, "export the final model as a Hugging Face folder into output_dir"),
+    # RLHF (jaxalign rlhf)
+    "rlhf_type": Option("dpo", str, "algorithm", ("dpo", "cpo", "orpo", "simpo", "kto", "rm"), _RLHF),
+    "beta": Option(None, float, "beta (default per algorithm: 0.1; simpo 2.0)", None, _RLHF),
+    "loss_type": Option(None, str, "loss type(s); DPO accepts several, comma-separated (default sigmoid)", None, _RLHF),
+    "loss_weights": Option(None, str, "weights of several DPO loss types, comma-separated", None, _RLHF),
+    "label_smoothing": Option(0.0, float, "conservative DPO/CPO label smoothing", None, _RLHF),
+    "rpo_alpha": Option(1.0, float, "weight of the chosen NLL added to DPO (0 disables)", None, _RLHF),
+    "reference_free": Option(False, bool, "DPO against a uniform reference (no reference model)", None, _RLHF),
+    "ref_model": Option(None, str, "reference model folder (default: --model)", None, _RLHF),
+    "precompute_ref_log_probs": Option(False, bool, "compute reference log-probs once before training", None, _RLHF),
+    "discopop_tau": Option(0.05, float, "DiscoPOP temperature", None, _RLHF),
+    "cpo_alpha": Option(1.0, float, "weight of the chosen NLL in CPO/SimPO (0 gives pure SimPO)", None, _RLHF),
+    "simpo_gamma": Option(1.0, float, "SimPO target reward margin", None, _RLHF),
+    "desirable_weight": Option(1.0, float, "KTO weight of desirable rows", None, _RLHF),
+    "undesirable_weight": Option(1.0, float, "KTO weight of undesirable rows", None, _RLHF),
+    "center_rewards_coefficient": Option(None, float, "RM penalty on squared rewards (0.01 recommended)", None, _RLHF),
 }
+
+DEFAULT_BETA = {"dpo": 0.1, "cpo": 0.1, "orpo": 0.1, "kto": 0.1, "rm": 0.1, "simpo": 2.0}
 
 
 def default_config(command: str) -> ml_collections.ConfigDict:

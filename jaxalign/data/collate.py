@@ -76,6 +76,9 @@ def collate_pair(examples: Sequence[PairExample], length: int, pad_id: int) -> d
     out = {f"chosen_{k}": v for k, v in chosen.items()}
     out.update({f"rejected_{k}": v for k, v in rejected.items()})
     out["margin"] = np.asarray([ex.margin for ex in examples], dtype=np.float32)
+    if examples[0].ref_chosen_logps is not None:
+        out["ref_chosen_logps"] = np.asarray([ex.ref_chosen_logps for ex in examples], dtype=np.float32)
+        out["ref_rejected_logps"] = np.asarray([ex.ref_rejected_logps for ex in examples], dtype=np.float32)
     return out
 
 

@@ -51,6 +51,9 @@ class PairExample:
     rejected_mask: np.ndarray
     margin: float = 0.0
     where: str = ""
+    # Filled by --precompute_ref_log_probs: the reference model's sequence log-probs.
+    ref_chosen_logps: float | None = None
+    ref_rejected_logps: float | None = None
 
     @property
     def length(self) -> int:

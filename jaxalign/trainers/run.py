@@ -66,6 +66,13 @@ def build_trainer(cfg, algorithm, *, quiet: bool = False):
     )
     if not quiet:
         print("jaxalign: data " + json.dumps(data.stats))
+    if getattr(algorithm, "needs_reference", False) and cfg.get("ref_model"):
+        from flax import nnx
+
+        ref = load_any_model(cfg.ref_model, dtype=cfg.torch_dtype, mesh=mesh)
+        if ref.config.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"--ref_model {cfg.ref_model}: vocabulary {ref.config.vocab_size} differs from the model's {model.config.vocab_size}")
+        algorithm.ref_params = nnx.state(ref, nnx.Param)
     return Trainer(cfg, algorithm, model, tokenizer, data, mesh)
 
 

@@ -1,0 +1,195 @@
+"""Paired preference training: DPO (every loss type, mixtures, RPO), CPO, SimPO and ORPO.
+
+Chosen and rejected run through the model in one concatenated forward. The losses come from
+:mod:`jaxalign.losses.preference`; this module only gathers log-probs, calls them, and turns
+per-pair values into contributions to the full-batch means (see :mod:`jaxalign.trainers.step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.config import DEFAULT_BETA
+from jaxalign.errors import ConfigError
+from jaxalign.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from jaxalign.trainers.logprobs import mean_logits_on_labels, sequence_logps, token_logps
+
+PAIR_TYPES = ("dpo", "cpo", "simpo", "orpo")
+
+
+def parse_loss_types(cfg) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """--loss_type (comma or space separated) and --loss_weights, checked against the algorithm."""
+    kind = cfg.rlhf_type
+    raw = cfg.loss_type or "sigmoid"
+    types = tuple(t for t in raw.replace(",", " ").split() if t)
+    valid = DPO_LOSS_TYPES if kind == "dpo" else CPO_LOSS_TYPES
+    for t in types:
+        if t not in valid and not (kind == "dpo" and t == "sft"):
+            raise ConfigError(f"--loss_type {t!r} is not valid for {kind}; choose from {', '.join(valid)}")
+    if len(types) > 1 and kind != "dpo":
+        raise ConfigError(f"--loss_type: only dpo mixes several loss types, {kind} takes one")
+    if cfg.loss_weights:
+        weights = tuple(float(w) for w in cfg.loss_weights.replace(",", " ").split())
+        if len(weights) != len(types):
+            raise ConfigError(f"--loss_weights has {len(weights)} values for {len(types)} loss types; give one per type")
+    else:
+        weights = (1.0,) * len(types)
+    return types, weights
+
+
+def pair_forward(model, micro):
+    """Chosen and rejected in one forward: (sum logps [2B], token counts [2B], mean label logits [2B],
+    per-token logps [2B, L], loss masks [2B, L])."""
+    ids = jnp.concatenate([micro["chosen_input_ids"], micro["rejected_input_ids"]])
+    attn = jnp.concatenate([micro["chosen_attention_mask"], micro["rejected_attention_mask"]])
+    mask = jnp.concatenate([micro["chosen_loss_mask"], micro["rejected_loss_mask"]])
+    logits = model(ids, attn)
+    tlp = token_logps(logits, ids)
+    sums, counts = sequence_logps(tlp, mask)
+    return sums, counts, mean_logits_on_labels(logits, mask), tlp, mask
+
+
+@dataclasses.dataclass
+class PairPreference:
+    """One of dpo / cpo / simpo / orpo for :class:`jaxalign.trainers.loop.Trainer`."""
+
+    cfg: object
+    ref_params: object = None  # frozen reference params (DPO, unless precomputed or reference-free)
+
+    def __post_init__(self):
+        cfg = self.cfg
+        self.task = cfg.rlhf_type
+        if self.task not in PAIR_TYPES:
+            raise ConfigError(f"--rlhf_type {self.task}: not a paired preference algorithm")
+        self.beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[self.task]
+        if self.task in ("dpo", "cpo"):
+            self.loss_types, self.loss_weights = parse_loss_types(cfg)
+        else:
+            self.loss_types, self.loss_weights = (self.task,), (1.0,)
+        self.nll_weight = {"dpo": cfg.rpo_alpha, "cpo": cfg.cpo_alpha, "simpo": cfg.cpo_alpha, "orpo": 1.0}[self.task]
+        # MPO: an "sft" entry in a DPO mixture adds the chosen NLL with its weight.
+        self.nll_weight += sum(w for t, w in zip(self.loss_types, self.loss_weights) if t == "sft")
+        self.needs_reference = self.task == "dpo" and not cfg.reference_free
+        self.curve_keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss")
+        self._graphdef = self._rest = None
+
+    # ----- Trainer hooks ----------------------------------------------------------------
+    def setup(self, trainer) -> None:
+        self._graphdef, self._rest = trainer.graphdef, trainer.rest
+        if not self.needs_reference:
+            return
+        if self.ref_params is None:
+            self.ref_params = jax.tree.map(jnp.copy, trainer.state.params)  # the starting model, frozen
+        if self.cfg.precompute_ref_log_probs:
+            trainer.data.train = self.precompute(trainer, trainer.data.train)
+            trainer.data.val = self.precompute(trainer, trainer.data.val)
+            trainer.batches.examples = trainer.data.train
+            self.ref_params = None  # no reference params kept on device afterwards
+
+    def extra(self):
+        return self.ref_params
+
+    def totals_fn(self, batch):
+        rows = batch["chosen_input_ids"].shape[0] * batch["chosen_input_ids"].shape[1]
+        return {
+            "rows": jnp.asarray(rows, jnp.float32),
+            "chosen_tokens": jnp.maximum(jnp.sum(batch["chosen_loss_mask"]), 1.0),
+        }
+
+    def loss_fn(self, model, micro, totals, extra, rng):
+        b = micro["chosen_input_ids"].shape[0]
+        sums, counts, label_logits, tlp, mask = pair_forward(model, micro)
+        avg = sums / jnp.maximum(counts, 1.0)
+        nll_sum = -jnp.sum(tlp[:b] * mask[:b])
+        ref_sums = ref_avg = None
+        if self.task == "dpo" and not self.cfg.reference_free:
+            if "ref_chosen_logps" in micro:
+                ref_sums = jnp.concatenate([micro["ref_chosen_logps"], micro["ref_rejected_logps"]])
+            else:
+                ref_model = nnx.merge(self._graphdef, extra, self._rest)
+                ref_sums, _, _, _, _ = pair_forward(ref_model, micro)
+                ref_sums = jax.lax.stop_gradient(ref_sums)
+            ref_avg = ref_sums / jnp.maximum(counts, 1.0)
+        losses, chosen_r, rejected_r, extra_metrics = self._losses(sums, avg, ref_sums, ref_avg, b)
+        rows = totals["rows"]
+        nll = nll_sum / totals["chosen_tokens"]
+        loss = jnp.sum(losses) / rows + self.nll_weight * nll
+        metrics = {
+            "rewards/chosen": jnp.sum(chosen_r) / rows,
+            "rewards/rejected": jnp.sum(rejected_r) / rows,
+            "rewards/accuracies": jnp.sum((chosen_r > rejected_r).astype(jnp.float32)) / rows,
+            "rewards/margins": jnp.sum(chosen_r - rejected_r) / rows,
+            "logps/chosen": jnp.sum(sums[:b]) / rows,
+            "logps/rejected": jnp.sum(sums[b:]) / rows,
+            "logits/chosen": jnp.sum(label_logits[:b]) / rows,
+            "logits/rejected": jnp.sum(label_logits[b:]) / rows,
+            "nll_loss": nll,
+        }
+        metrics.update({k: v * b / rows for k, v in extra_metrics.items()})
+        return loss, metrics
+
+    # ----- the math dispatch --------------------------------------------------------------
+    def _losses(self, sums, avg, ref_sums, ref_avg, b):
+        cfg, beta = self.cfg, self.beta
+        extra: dict = {}
+        if self.task == "dpo":
+            total = jnp.zeros((b,), jnp.float32)
+            chosen_r = jnp.zeros((b,), jnp.float32)
+            rejected_r = jnp.zeros((b,), jnp.float32)
+            for t, w in zip(self.loss_types, self.loss_weights):
+                if t == "sft":  # counted in nll_weight
+                    continue
+                pol, ref = (avg, ref_avg) if t == "ipo" else (sums, ref_sums)
+                if ref is None:
+                    ref = jnp.zeros_like(pol)
+                losses, cr, rr = dpo_loss(
+                    pol[:b], pol[b:], ref[:b], ref[b:], beta=beta, loss_type=t,
+                    label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free,
+                    discopop_tau=cfg.discopop_tau,
+                )
+                total, chosen_r, rejected_r = total + w * losses, chosen_r + w * cr, rejected_r + w * rr
+            return total, chosen_r, rejected_r, extra
+        if self.task == "cpo":
+            t = self.loss_types[0]
+            pol = avg if t == "ipo" else sums
+            losses, cr, rr = cpo_loss(pol[:b], pol[b:], beta=beta, loss_type=t, label_smoothing=cfg.label_smoothing)
+            return losses, cr, rr, extra
+        if self.task == "simpo":
+            losses, cr, rr = simpo_loss(avg[:b], avg[b:], beta=beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
+            return losses, cr, rr, extra
+        losses, cr, rr, ratio, chosen_odds = orpo_loss(avg[:b], avg[b:], beta=beta)
+        extra = {"log_odds_ratio": ratio, "log_odds_chosen": chosen_odds}
+        return losses, cr, rr, extra
+
+    # ----- --precompute_ref_log_probs -----------------------------------------------------
+    def precompute(self, trainer, examples):
+        """Attach the reference model's sequence log-probs to every example (one pass, fixed shapes)."""
+        if not examples:
+            return examples
+        from jaxalign.data.batching import BatchIterator
+
+        graphdef, rest, ref = self._graphdef, self._rest, self.ref_params
+
+        @jax.jit
+        def ref_logps(params, batch):
+            sums, _, _, _, _ = pair_forward(nnx.merge(graphdef, params, rest), batch)
+            return sums
+
+        bs = trainer.micro_batch
+        it = BatchIterator(examples, bs, trainer.buckets, seed=0, pad_id=trainer.pad_id, drop_last=False)
+        out = list(examples)
+        for idx in it.epoch_plan(0):
+            idx = list(idx)
+            padded = idx + [idx[-1]] * (bs - len(idx))  # keep one shape per bucket
+            batch = {k: v for k, v in it.make_batch(padded).items() if k != "margin"}
+            sums = np.asarray(ref_logps(ref, batch))
+            for j, i in enumerate(idx):
+                out[i] = dataclasses.replace(
+                    examples[i], ref_chosen_logps=float(sums[j]), ref_rejected_logps=float(sums[bs + j])
+                )
+        return out
