@@ -1,0 +1,192 @@
+"""GRPO math (Shao et al. 2024, DeepSeekMath) with the variants ms-swift/TRL offer.
+
+Group-relative advantages, the clipped surrogate with DAPO's clip-higher and two-sided
+clipping, GSPO's sequence-level importance ratio, the k3 KL to the reference and the four
+loss normalisations (grpo, bnpo, dr_grpo, dapo). Output dtype equals input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.errors import ConfigError
+from jaxalign.losses.preference import _check_hparam
+
+__all__ = [
+    "SCALE_REWARDS",
+    "GRPO_LOSS_TYPES",
+    "IMPORTANCE_SAMPLING_LEVELS",
+    "ADVANTAGE_EPS",
+    "group_advantages",
+    "grpo_loss",
+]
+
+SCALE_REWARDS = ("group", "batch", "none")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
+ADVANTAGE_EPS = 1e-4  # ms-swift's epsilon (its docs' pseudocode says 1e-8; the code uses 1e-4)
+
+
+def _unbiased_std(x, axis=None):
+    n = x.size if axis is None else x.shape[axis]
+    if n < 2:  # a single sample has no spread; its centred reward is 0 anyway
+        return jnp.zeros_like(jnp.mean(x, axis=axis))
+    return jnp.std(x, axis=axis, ddof=1)
+
+
+def group_advantages(rewards, *, num_generations: int, scale_rewards: str = "group"):
+    """GRPO group-relative advantages (Shao et al. 2024): ``A = (r - mean_G(r)) / (std + 1e-4)``.
+
+    ``rewards`` is ``[N]`` with consecutive groups of ``num_generations`` completions of the
+    same prompt. ``std`` is the unbiased (N-1) std of the group (``group``), of the whole batch
+    (``batch``), or no division at all (``none``, Dr. GRPO). A group whose rewards are all equal
+    gets advantage 0. Raises :class:`ConfigError` when ``num_generations`` does not divide N.
+    """
+    rewards = jnp.asarray(rewards)
+    if scale_rewards not in SCALE_REWARDS:
+        raise ConfigError(
+            f"unknown scale_rewards {scale_rewards!r}; valid values are: {', '.join(SCALE_REWARDS)}"
+        )
+    if rewards.ndim != 1:
+        raise ConfigError(f"group_advantages expects rewards of shape [N], got {rewards.shape}")
+    n = rewards.shape[0]
+    g = int(num_generations)
+    if g < 1 or n % g != 0:
+        raise ConfigError(
+            f"the batch of {n} completions is not divisible by num_generations={num_generations}; "
+            "choose a batch size (in completions) that is a multiple of num_generations"
+        )
+    grouped = rewards.reshape(n // g, g)
+    centred = (grouped - jnp.mean(grouped, axis=1, keepdims=True)).reshape(n)
+    if scale_rewards == "group":
+        std = jnp.repeat(_unbiased_std(grouped, axis=1), g)
+        return centred / (std + ADVANTAGE_EPS)
+    if scale_rewards == "batch":
+        return centred / (_unbiased_std(rewards) + ADVANTAGE_EPS)
+    return centred
+
+
+def grpo_loss(
+    logps,
+    old_logps,
+    ref_logps,
+    advantages,
+    mask,
+    *,
+    beta: float = 0.04,
+    epsilon: float = 0.2,
+    epsilon_high=None,
+    delta=None,
+    loss_type: str = "grpo",
+    importance_sampling_level: str = "token",
+    max_completion_length=None,
+):
+    """GRPO clipped-surrogate loss (Shao et al. 2024) with DAPO/GSPO/Dr. GRPO options.
+
+    Per token: ``rho = exp(w)`` with ``w = logp - old_logp`` (``token``), the length-normalised
+    sequence log-ratio ``sum(mask * w) / max(sum(mask), 1)`` broadcast over the row (GSPO
+    ``sequence``) or ``sg(seq) + logp - sg(logp)`` (``sequence_token``);
+    ``L_t = -min(rho' A, clip(rho, 1-eps, 1+eps_high) A)`` with ``rho' = min(rho, delta)`` when
+    ``delta`` is set (two-sided clipping) and ``eps_high = epsilon_high or epsilon`` (DAPO
+    clip-higher); plus ``beta * KL_t`` with the clamped k3 estimator
+    ``d = clip(ref - logp, -20, 20)``, ``KL_t = clip(e^d - d - 1, -10, 10)``.
+    Aggregation by ``loss_type``: ``grpo`` mean over rows of the per-row token mean; ``bnpo``
+    token sum / token count; ``dr_grpo`` token sum / (B * max_completion_length) (T when None);
+    ``dapo`` token sum / global token count, which inside one jit (single process, or a sharded
+    global batch) is the same count as ``bnpo``.
+
+    ``old_logps`` may be None (on-policy: ``stop_gradient(logps)``); ``ref_logps`` may be None
+    when ``beta == 0``. ``advantages`` is ``[B]`` (or per-token ``[B, T]``). Returns
+    ``(loss, metrics)``; ``metrics`` (stop-gradient scalars) holds ``kl`` (masked token mean of
+    ``KL_t``; 0 when ``ref_logps`` is None), ``clip_ratio/low_mean`` (``rho < 1-eps`` and
+    ``A < 0``), ``clip_ratio/high_mean`` (``rho > 1+eps_high`` and ``A > 0``) and
+    ``clip_ratio/region_mean`` (either), each averaged over the masked tokens.
+    """
+    if loss_type not in GRPO_LOSS_TYPES:
+        raise ConfigError(
+            f"unknown GRPO loss_type {loss_type!r}; valid loss types are: {', '.join(GRPO_LOSS_TYPES)}"
+        )
+    if importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+        raise ConfigError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}; valid values are: "
+            f"{', '.join(IMPORTANCE_SAMPLING_LEVELS)}"
+        )
+    _check_hparam("beta", beta, low=0.0)
+    _check_hparam("epsilon", epsilon, low=0.0, high=1.0, high_open=True)
+    if epsilon_high is not None:
+        _check_hparam("epsilon_high", epsilon_high, low=0.0)
+    if delta is not None:
+        _check_hparam("delta", delta, low=0.0, low_open=True)
+    if max_completion_length is not None:
+        _check_hparam("max_completion_length", max_completion_length, low=0, low_open=True)
+    if beta != 0 and ref_logps is None:
+        raise ConfigError("grpo_loss needs ref_logps when beta != 0 (set beta 0 to train without a reference)")
+    logps = jnp.asarray(logps)
+    dtype = logps.dtype
+    mask = jnp.asarray(mask).astype(dtype)
+    if old_logps is None:
+        old_logps = logps
+    old_logps = jax.lax.stop_gradient(jnp.asarray(old_logps).astype(dtype))
+    adv = jnp.asarray(advantages).astype(dtype)
+    if adv.ndim == 1:
+        adv = adv[:, None]
+    adv = jax.lax.stop_gradient(jnp.broadcast_to(adv, logps.shape))
+    eps_low = epsilon
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+
+    token_count = jnp.sum(mask, axis=1)
+    log_ratio = logps - old_logps
+    if importance_sampling_level == "token":
+        log_w = log_ratio
+    else:
+        seq = jnp.sum(log_ratio * mask, axis=1, keepdims=True) / jnp.maximum(token_count, 1.0)[:, None]
+        if importance_sampling_level == "sequence":
+            log_w = jnp.broadcast_to(seq, logps.shape)
+        else:  # sequence_token (GSPO-token)
+            log_w = jax.lax.stop_gradient(seq) + logps - jax.lax.stop_gradient(logps)
+
+    # Everything in log space so no exp of an unselected branch can give 0 * inf in the gradient.
+    lo, hi = math.log1p(-eps_low), math.log1p(eps_high)
+    log_c1 = log_w if delta is None else jnp.minimum(log_w, math.log(delta))
+    log_c2 = jnp.clip(log_w, lo, hi)
+    # -min(c1 A, c2 A) = -A * min(c1, c2) for A >= 0 and -A * max(c1, c2) for A < 0 (A == 0 takes
+    # the bounded side, so a huge ratio times a zero advantage is 0, not NaN).
+    log_sel = jnp.where(adv >= 0, jnp.minimum(log_c1, log_c2), jnp.maximum(log_c1, log_c2))
+    per_token = -adv * jnp.exp(log_sel)
+
+    if ref_logps is not None:
+        ref_logps = jax.lax.stop_gradient(jnp.asarray(ref_logps).astype(dtype))
+        d = jnp.clip(ref_logps - logps, -20.0, 20.0)
+        per_token_kl = jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+        if beta != 0:
+            per_token = per_token + beta * per_token_kl
+    else:
+        per_token_kl = None
+
+    total_tokens = jnp.sum(mask)
+    masked_sum = jnp.sum(per_token * mask)
+    if loss_type == "grpo":
+        loss = jnp.mean(jnp.sum(per_token * mask, axis=1) / jnp.maximum(token_count, 1.0))
+    elif loss_type in ("bnpo", "dapo"):
+        loss = masked_sum / jnp.maximum(total_tokens, 1.0)
+    else:  # dr_grpo
+        length = logps.shape[1] if max_completion_length is None else max_completion_length
+        loss = masked_sum / (logps.shape[0] * length)
+
+    def tmean(x):
+        return jax.lax.stop_gradient(jnp.sum(x * mask) / jnp.maximum(total_tokens, 1.0))
+
+    coef_1 = jnp.exp(jax.lax.stop_gradient(log_c1))
+    low = ((coef_1 < 1.0 - eps_low) & (adv < 0)).astype(dtype)
+    high = ((coef_1 > 1.0 + eps_high) & (adv > 0)).astype(dtype)
+    region = jnp.maximum(low, high)
+    metrics = {
+        "kl": tmean(per_token_kl) if per_token_kl is not None else jnp.zeros((), dtype),
+        "clip_ratio/low_mean": tmean(low),
+        "clip_ratio/high_mean": tmean(high),
+        "clip_ratio/region_mean": tmean(region),
+    }
+    return loss, metrics
