@@ -76,7 +76,7 @@ OPTIONS: dict[str, Option] = {
     "report_to": Option("none", str, "extra metric sink", ("none", "tensorboard")),
     "save_hf": Option(True, bool, "export the final model as a Hugging Face folder into output_dir"),
     # RLHF (jaxalign rlhf)
-    "rlhf_type": Option("dpo", str, "algorithm", ("dpo", "cpo", "orpo", "simpo", "kto", "rm"), _RLHF),
+    "rlhf_type": Option("dpo", str, "algorithm", ("dpo", "cpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo"), _RLHF),
     "beta": Option(None, float, "beta (default per algorithm: 0.1; simpo 2.0)", None, _RLHF),
     "loss_type": Option(None, str, "loss type(s); DPO accepts several, comma-separated (default sigmoid)", None, _RLHF),
     "loss_weights": Option(None, str, "weights of several DPO loss types, comma-separated", None, _RLHF),
@@ -91,9 +91,43 @@ OPTIONS: dict[str, Option] = {
     "desirable_weight": Option(1.0, float, "KTO weight of desirable rows", None, _RLHF),
     "undesirable_weight": Option(1.0, float, "KTO weight of undesirable rows", None, _RLHF),
     "center_rewards_coefficient": Option(None, float, "RM penalty on squared rewards (0.01 recommended)", None, _RLHF),
+    # Online RL: sampling (GRPO and PPO)
+    "max_completion_length": Option(512, int, "longest sampled completion (tokens)", None, _RLHF),
+    "temperature": Option(0.9, float, "sampling temperature", None, _RLHF),
+    "top_k": Option(-1, int, "top-k sampling (-1 or 0: off)", None, _RLHF),
+    "top_p": Option(1.0, float, "nucleus sampling", None, _RLHF),
+    "repetition_penalty": Option(1.0, float, "Hugging Face repetition penalty", None, _RLHF),
+    "reward_model": Option(None, str, "reward model export (backbone + value_head.safetensors)", None, _RLHF),
+    # GRPO
+    "num_generations": Option(8, int, "completions per prompt (the group size)", None, _RLHF),
+    "epsilon": Option(0.2, float, "lower clip range of the ratio", None, _RLHF),
+    "epsilon_high": Option(None, float, "upper clip range (default: epsilon; DAPO uses 0.28)", None, _RLHF),
+    "delta": Option(None, float, "upper bound on the ratio (two-sided GRPO)", None, _RLHF),
+    "importance_sampling_level": Option(
+        "token", str, "token (GRPO) or sequence (GSPO) ratios", ("token", "sequence", "sequence_token"), _RLHF
+    ),
+    "scale_rewards": Option("group", str, "advantage scaling", ("group", "batch", "none"), _RLHF),
+    "num_iterations": Option(1, int, "optimisation passes over each generation (mu)", None, _RLHF),
+    "steps_per_generation": Option(None, int, "micro-batches per generation (default: gradient_accumulation_steps)", None, _RLHF),
+    "dynamic_sample": Option(False, bool, "DAPO: resample groups whose rewards all agree", None, _RLHF),
+    "max_resample_times": Option(3, int, "DAPO resampling rounds", None, _RLHF),
+    "overlong_filter": Option(False, bool, "exclude truncated completions from the loss", None, _RLHF),
+    "reward_funcs": Option(None, str, "reward functions, comma or space separated (accuracy, format, ...)", None, _RLHF),
+    "reward_weights": Option(None, str, "weights of the reward functions", None, _RLHF),
+    "external_plugins": Option(None, str, "Python file(s) registering reward functions", None, _RLHF),
+    "cosine_min_len_value_wrong": Option(-0.5, float, "cosine reward: wrong answer, shortest", None, _RLHF),
+    "cosine_max_len_value_wrong": Option(0.0, float, "cosine reward: wrong answer, longest", None, _RLHF),
+    "cosine_min_len_value_correct": Option(1.0, float, "cosine reward: correct answer, shortest", None, _RLHF),
+    "cosine_max_len_value_correct": Option(0.5, float, "cosine reward: correct answer, longest", None, _RLHF),
+    "cosine_max_len": Option(None, int, "cosine reward length scale (default max_completion_length)", None, _RLHF),
+    "repetition_n_grams": Option(3, int, "repetition reward n-gram size", None, _RLHF),
+    "repetition_max_penalty": Option(-1.0, float, "repetition reward at full repetition", None, _RLHF),
+    "soft_max_length": Option(None, int, "soft_overlong: L_max (default max_completion_length)", None, _RLHF),
+    "soft_cache_length": Option(None, int, "soft_overlong: L_cache", None, _RLHF),
+    "log_completions": Option(False, bool, "write sample completions to output_dir/completions.jsonl", None, _RLHF),
 }
 
-DEFAULT_BETA = {"dpo": 0.1, "cpo": 0.1, "orpo": 0.1, "kto": 0.1, "rm": 0.1, "simpo": 2.0}
+DEFAULT_BETA = {"dpo": 0.1, "cpo": 0.1, "orpo": 0.1, "kto": 0.1, "rm": 0.1, "simpo": 2.0, "grpo": 0.04, "ppo": 0.1}
 
 
 def default_config(command: str) -> ml_collections.ConfigDict:

@@ -1,0 +1,83 @@
+"""The GRPO update as an algorithm for the shared compiled step (:mod:`jaxalign.trainers.step`).
+
+A micro-batch holds prompt+completion sequences ``input_ids`` [B, P+C] with
+``attention_mask``, the completion's ``completion_mask`` [B, C] (zeroed for truncated rows
+under ``--overlong_filter``), the rollout's ``old_logps`` [B, C] and ``advantages`` [B].
+Log-probs are taken with the sampling temperature, as TRL and ms-swift do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.losses import grpo_loss
+from jaxalign.trainers.logprobs import token_entropy, token_logps
+
+
+def completion_logps(model, micro, prompt_len: int, temperature: float):
+    """(per-token log-probs [B, C], per-token entropies [B, C]) of the completion part."""
+    logits = model(micro["input_ids"], micro["attention_mask"])
+    lp = token_logps(logits, micro["input_ids"], temperature=temperature)[:, prompt_len:]
+    scaled = logits / temperature if temperature > 0 else logits
+    ent = token_entropy(scaled)[:, prompt_len:]
+    return lp, ent
+
+
+@dataclasses.dataclass
+class GRPOUpdate:
+    """Hyperparameters of the update; ``ref_params`` only when ``beta > 0``."""
+
+    beta: float
+    epsilon: float
+    epsilon_high: float | None
+    delta: float | None
+    loss_type: str
+    importance_sampling_level: str
+    max_completion_length: int
+    temperature: float
+    graphdef: object = None
+    rest: object = None
+    ref_params: object = None
+
+    def extra(self):
+        return self.ref_params
+
+    def totals_fn(self, batch):
+        mask = batch["completion_mask"]
+        return {
+            "rows": jnp.asarray(mask.shape[0] * mask.shape[1], jnp.float32),
+            "micro": jnp.asarray(mask.shape[0], jnp.float32),
+            "tokens": jnp.maximum(jnp.sum(mask), 1.0),
+        }
+
+    def loss_fn(self, model, micro, totals, extra, rng):
+        prompt_len = micro["input_ids"].shape[1] - micro["completion_mask"].shape[1]
+        lp, ent = completion_logps(model, micro, prompt_len, self.temperature)
+        mask = micro["completion_mask"].astype(jnp.float32)
+        ref_lp = None
+        if self.beta > 0:
+            ref_model = nnx.merge(self.graphdef, extra, self.rest)
+            ref_lp, _ = completion_logps(ref_model, micro, prompt_len, self.temperature)
+            ref_lp = jax.lax.stop_gradient(ref_lp)
+        loss, m = grpo_loss(
+            lp, micro["old_logps"], ref_lp, micro["advantages"], mask,
+            beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta,
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+        )
+        if self.loss_type == "bnpo" or self.loss_type == "dapo":
+            # token-sum normalisation across the whole accumulated batch
+            weight = jnp.maximum(jnp.sum(mask), 1.0) / totals["tokens"]
+        else:
+            # per-row means: each micro-batch's rows are a share of all rows
+            weight = mask.shape[0] / totals["rows"]
+        token_w = mask / totals["tokens"]
+        drift = jnp.sum(jnp.abs(jax.lax.stop_gradient(lp) - micro["old_logps"]) * token_w)
+        metrics = {k: v * weight for k, v in m.items()}
+        metrics["entropy"] = jnp.sum(ent * token_w)
+        metrics["rollout/logp_drift"] = drift
+        return loss * weight, metrics
