@@ -125,6 +125,20 @@ OPTIONS: dict[str, Option] = {
     "soft_max_length": Option(None, int, "soft_overlong: L_max (default max_completion_length)", None, _RLHF),
     "soft_cache_length": Option(None, int, "soft_overlong: L_cache", None, _RLHF),
     "log_completions": Option(False, bool, "write sample completions to output_dir/completions.jsonl", None, _RLHF),
+    # PPO
+    "value_model": Option(None, str, "value model start (default: --reward_model)", None, _RLHF),
+    "num_ppo_epochs": Option(4, int, "passes over each rollout", None, _RLHF),
+    "num_mini_batches": Option(1, int, "mini-batches per pass (one optimizer step each)", None, _RLHF),
+    "local_rollout_forward_batch_size": Option(64, int, "rows per no-grad rollout forward", None, _RLHF),
+    "whiten_rewards": Option(False, bool, "whiten the per-token rewards", None, _RLHF),
+    "kl_coef": Option(0.05, float, "KL penalty per token", None, _RLHF),
+    "cliprange": Option(0.2, float, "policy ratio clip", None, _RLHF),
+    "vf_coef": Option(0.1, float, "value loss weight", None, _RLHF),
+    "cliprange_value": Option(0.2, float, "value clip", None, _RLHF),
+    "gamma": Option(1.0, float, "discount", None, _RLHF),
+    "lam": Option(0.95, float, "GAE lambda", None, _RLHF),
+    "num_sample_generations": Option(10, int, "debug generations over the run (samples.jsonl)", None, _RLHF),
+    "missing_eos_penalty": Option(None, float, "subtracted from the score of responses without EOS", None, _RLHF),
 }
 
 DEFAULT_BETA = {"dpo": 0.1, "cpo": 0.1, "orpo": 0.1, "kto": 0.1, "rm": 0.1, "simpo": 2.0, "grpo": 0.04, "ppo": 0.1}

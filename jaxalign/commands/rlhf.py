@@ -23,7 +23,16 @@ def build_algorithm(cfg):
 
     if cfg.rlhf_type in PAIR_TYPES:
         return PairPreference(cfg)
-    raise ConfigError(f"--rlhf_type {cfg.rlhf_type}: not available in this build; choose one of {', '.join(PAIR_TYPES)}")
+    if cfg.rlhf_type == "kto":
+        from jaxalign.trainers.kto import KTO
+
+        return KTO(cfg)
+    if cfg.rlhf_type == "rm":
+        from jaxalign.trainers.reward import RewardModelling
+
+        return RewardModelling(cfg)
+    choices = ", ".join((*PAIR_TYPES, "kto", "rm"))
+    raise ConfigError(f"--rlhf_type {cfg.rlhf_type}: not available in this build; choose one of {choices}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +42,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve("rlhf", file_cfg, flags_from_namespace(args))
     if cfg.ref_model and cfg.rlhf_type in ("cpo", "simpo", "orpo", "rm"):
         raise ConfigError(f"--ref_model: {cfg.rlhf_type} uses no reference model; drop the flag")
-    trainer = run_offline(cfg, build_algorithm(cfg))
+    if cfg.rlhf_type == "grpo":
+        from jaxalign.trainers.run import build_grpo_trainer, finish
+
+        trainer = build_grpo_trainer(cfg)
+        trainer.history = trainer.train()
+        finish(trainer)
+    elif cfg.rlhf_type == "ppo":
+        from jaxalign.trainers.run import build_ppo_trainer
+
+        trainer = build_ppo_trainer(cfg)
+        trainer.history = trainer.train()
+        if cfg.save_hf:
+            trainer.export()
+    else:
+        trainer = run_offline(cfg, build_algorithm(cfg))
     print(f"jaxalign: finished {trainer.total_steps} steps of {cfg.rlhf_type}; outputs in {cfg.output_dir}")
     return 0
