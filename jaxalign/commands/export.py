@@ -24,9 +24,17 @@ def run(args: argparse.Namespace) -> int:
     from jaxalign.trainers.checkpoint_model import load_checkpoint_model
 
     if args.ckpt_dir:
+        from jaxalign.trainers.checkpoint_model import is_reward_checkpoint
+
         src = Path(args.ckpt_dir)
-        model = load_checkpoint_model(src)
         tokenizer = load_tokenizer_if_present(src.parent / "tokenizer")
+        if is_reward_checkpoint(src):  # backbone + value_head.safetensors
+            from jaxalign.convert.value_head_io import save_reward_model
+
+            out = save_reward_model(load_checkpoint_model(src, value_head=True), args.output_dir, tokenizer=tokenizer)
+            print(f"exported {src} -> {out} (with value_head.safetensors)")
+            return 0
+        model = load_checkpoint_model(src)
     else:
         src = Path(args.model)
         model = load_hf_model(src, dtype="float32")

@@ -3,5 +3,16 @@
 from jaxalign.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
 from jaxalign.models.decoder import Decoder
 from jaxalign.models.kv_cache import KVCache, init_cache
+from jaxalign.models.value_head import RewardModel, ValueHead
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "Decoder", "KVCache", "init_cache"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "Decoder", "KVCache", "init_cache",
+           "RewardModel", "ValueHead", "load_reward_model", "save_value_head"]
+
+
+def __getattr__(name):
+    # lazy: jaxalign.convert imports jaxalign.models
+    if name in ("load_reward_model", "save_value_head"):
+        from jaxalign.convert import value_head_io
+
+        return getattr(value_head_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

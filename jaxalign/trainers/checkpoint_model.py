@@ -20,8 +20,16 @@ def is_checkpoint(path: str | Path) -> bool:
     return (p / "meta").exists() and (p / "state").exists()
 
 
-def load_checkpoint_model(path: str | Path, *, dtype: str = "float32"):
-    """The policy saved in ``output_dir/checkpoint-N`` as a Decoder (params on the default device)."""
+def is_reward_checkpoint(path: str | Path) -> bool:
+    """A checkpoint of ``--rlhf_type rm`` (a backbone plus a value head)."""
+    return is_checkpoint(path) and read_meta(Path(path)).get("algorithm") == "rm"
+
+
+def load_checkpoint_model(path: str | Path, *, dtype: str = "float32", value_head: bool = False):
+    """The policy saved in ``output_dir/checkpoint-N`` as a Decoder (params on the default device).
+
+    A reward-model checkpoint gives its backbone, or with ``value_head=True`` the whole
+    :class:`jaxalign.models.value_head.RewardModel`."""
     p = Path(path)
     if not is_checkpoint(p):
         raise CheckpointError(f"{p}: not a jaxalign checkpoint folder (expected state/ and meta/ inside)")
@@ -31,7 +39,15 @@ def load_checkpoint_model(path: str | Path, *, dtype: str = "float32"):
     config = config_from_hf(meta["model_config"], source=f"{p}/meta")
     if meta.get("generation_config"):
         config = dataclasses.replace(config, generation_config=meta["generation_config"])
-    graphdef, params, rest = nnx.split(abstract_model(config, dtype), nnx.Param, ...)
+    reward = meta.get("algorithm") == "rm"
+    if reward:
+        from jaxalign.models.value_head import RewardModel, ValueHead
+
+        head = nnx.eval_shape(lambda: ValueHead(config.hidden_size, rngs=nnx.Rngs(0)))
+        abstract = RewardModel(abstract_model(config, dtype), head)
+    else:
+        abstract = abstract_model(config, dtype)
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     restored = ckptr.restore(p.absolute(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     saved = restored["state"]["params"]
@@ -56,7 +72,10 @@ def load_checkpoint_model(path: str | Path, *, dtype: str = "float32"):
             d = d.setdefault(k, {})
         d[path_[-1]] = v
     nnx.replace_by_pure_dict(params, pure)
-    return nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, rest)
+    if reward and not value_head:
+        return model.backbone
+    return model
 
 
 def load_any_model(path: str | Path, *, dtype: str = "float32", mesh=None):

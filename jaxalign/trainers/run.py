@@ -35,10 +35,26 @@ def check_output_dir(cfg) -> None:
         )
 
 
+def run_mesh(spec):
+    """The mesh ``--mesh`` asks for. Fixed sizes (no -1 axis) needing fewer devices than a
+    single process has run on the first devices (e.g. ``data=1,fsdp=1,tensor=1`` on one of 8)."""
+    import math
+
+    import jax
+
+    from jaxalign.parallel import make_mesh, parse_mesh_spec
+
+    sizes = parse_mesh_spec(spec)
+    devices = jax.devices()
+    if -1 not in sizes.values() and jax.process_count() == 1:
+        devices = devices[: math.prod(sizes.values())]
+    return make_mesh(spec, devices=devices)
+
+
 def build_trainer(cfg, algorithm, *, quiet: bool = False):
     """Mesh, tokenizer, model and data as ``cfg`` says, wrapped in a ready Trainer."""
     from jaxalign.data import prepare_data
-    from jaxalign.parallel import initialize_distributed, make_mesh
+    from jaxalign.parallel import initialize_distributed
     from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.loop import Trainer
 
@@ -48,9 +64,9 @@ def build_trainer(cfg, algorithm, *, quiet: bool = False):
         raise ConfigError("--dataset is required: a .jsonl/.json/.csv/.parquet file or a saved dataset folder")
     check_output_dir(cfg)
     initialize_distributed()
-    mesh = make_mesh(cfg.mesh)
+    mesh = run_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
+    # Data before the model: a bad row is reported before a (possibly large) model is loaded.
     data = prepare_data(
         cfg.dataset,
         algorithm.task,
@@ -66,6 +82,9 @@ def build_trainer(cfg, algorithm, *, quiet: bool = False):
     )
     if not quiet:
         print("jaxalign: data " + json.dumps(data.stats))
+    model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
+    if hasattr(algorithm, "wrap_model"):  # e.g. rm: backbone + value head
+        model = algorithm.wrap_model(model, mesh)
     if getattr(algorithm, "needs_reference", False) and cfg.get("ref_model"):
         from flax import nnx
 
@@ -80,7 +99,9 @@ def finish(trainer) -> None:
     """Export the final policy into output_dir as a Hugging Face folder (unless --save_hf false)."""
     from jaxalign.convert import save_hf_model
 
-    if trainer.cfg.save_hf:
+    if trainer.cfg.save_hf and hasattr(getattr(trainer, "algo", None), "export"):  # e.g. rm: backbone + value_head.safetensors
+        trainer.algo.export(trainer)
+    elif trainer.cfg.save_hf:
         save_hf_model(trainer.model(), trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)
 
 
@@ -90,3 +111,77 @@ def run_offline(cfg, algorithm, *, quiet: bool = False):
     trainer.history = trainer.train()
     finish(trainer)
     return trainer
+
+
+def build_grpo_trainer(cfg, *, quiet: bool = False):
+    """Policy, prompts and reward functions for GRPO, wrapped in a ready GRPOTrainer."""
+    from jaxalign.data import prepare_data
+    from jaxalign.parallel import initialize_distributed, make_mesh
+    from jaxalign.rewards import build_reward_funcs
+    from jaxalign.trainers.checkpoint_model import load_any_model
+    from jaxalign.trainers.grpo import GRPOTrainer, split_names
+
+    if not cfg.model or not cfg.dataset:
+        raise ConfigError("--model and --dataset are required for GRPO (prompt-only messages plus extra columns)")
+    names = split_names(cfg.reward_funcs)
+    if not names and not cfg.reward_model:
+        raise ConfigError("--reward_funcs: GRPO needs at least one reward function (accuracy, format, cosine, "
+                          "repetition, soft_overlong, a plugin's) or --reward_model")
+    check_output_dir(cfg)
+    initialize_distributed()
+    mesh = make_mesh(cfg.mesh)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
+    options = {k: cfg[k] for k in cfg.keys()}
+    funcs = build_reward_funcs(names, options, split_names(cfg.external_plugins))
+    if cfg.reward_model:
+        from jaxalign.rewards.model_reward import RewardModelReward
+
+        funcs.append(RewardModelReward.from_path(cfg.reward_model, tokenizer, mesh=mesh, vocab_size=model.config.vocab_size))
+    weights = [float(w) for w in split_names(cfg.reward_weights)] or [1.0] * len(funcs)
+    if len(weights) != len(funcs):
+        raise ConfigError(f"--reward_weights has {len(weights)} values for {len(funcs)} reward functions; give one each")
+    data = prepare_data(
+        cfg.dataset, "grpo", tokenizer, val_dataset=cfg.val_dataset, split_dataset_ratio=cfg.split_dataset_ratio,
+        data_seed=cfg.data_seed, template=cfg.template, max_length=cfg.max_length,
+        truncation_strategy=cfg.truncation_strategy, loss_scale=cfg.loss_scale, ignore_bad_rows=cfg.ignore_bad_rows,
+    )
+    if not quiet:
+        print("jaxalign: data " + json.dumps(data.stats))
+    return GRPOTrainer(cfg, model, tokenizer, data, mesh, funcs, weights)
+
+
+def build_ppo_trainer(cfg, *, quiet: bool = False):
+    """Policy, reference, reward and value models plus prompts, wrapped in a ready PPOTrainer."""
+    from jaxalign.convert.value_head_io import load_reward_model
+    from jaxalign.data import prepare_data
+    from jaxalign.parallel import initialize_distributed, make_mesh
+    from jaxalign.trainers.checkpoint_model import load_any_model
+    from jaxalign.trainers.ppo import PPOTrainer
+
+    if not cfg.model or not cfg.dataset:
+        raise ConfigError("--model and --dataset are required for PPO (prompt-only messages)")
+    if not cfg.reward_model:
+        raise ConfigError("--reward_model is required for PPO: a reward-model export (backbone + value_head.safetensors)")
+    check_output_dir(cfg)
+    initialize_distributed()
+    mesh = make_mesh(cfg.mesh)
+    tokenizer = load_tokenizer(cfg.model)
+    policy = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
+    ref = load_any_model(cfg.ref_model or cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
+    reward = load_reward_model(cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh)
+    value = load_reward_model(cfg.value_model or cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh)
+    for name, m in (("--reward_model", reward), ("--value_model", value), ("--ref_model", ref)):
+        if m.config.vocab_size != policy.config.vocab_size:
+            raise ConfigError(
+                f"{name}: vocabulary of {m.config.vocab_size} tokens differs from the policy's {policy.config.vocab_size}; "
+                "PPO needs models that share the tokenizer"
+            )
+    data = prepare_data(
+        cfg.dataset, "ppo", tokenizer, val_dataset=cfg.val_dataset, split_dataset_ratio=cfg.split_dataset_ratio,
+        data_seed=cfg.data_seed, template=cfg.template, max_length=cfg.max_length,
+        truncation_strategy=cfg.truncation_strategy, loss_scale=cfg.loss_scale, ignore_bad_rows=cfg.ignore_bad_rows,
+    )
+    if not quiet:
+        print("jaxalign: data " + json.dumps(data.stats))
+    return PPOTrainer(cfg, policy, ref, reward, value, tokenizer, data, mesh)

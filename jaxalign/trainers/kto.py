@@ -1,0 +1,113 @@
+"""KTO (Ethayarajh et al. 2024) as TRL's ``KTOTrainer`` computes it, for the shared Trainer.
+
+Rows are single (prompt, completion) examples with a boolean ``label``. Shapes are static in
+jit, so every row's loss is computed both as desirable and as undesirable and the right one is
+selected by ``label``. The KL reference point comes from the mismatched pairs of the same
+micro-batch (prompt i with completion i+1, built by :func:`jaxalign.data.collate.collate_kto`).
+The math lives in :func:`jaxalign.losses.kto_loss` and :func:`jaxalign.losses.kto_kl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxalign.config import DEFAULT_BETA
+from jaxalign.errors import ConfigError
+from jaxalign.losses.preference import kto_kl, kto_loss
+from jaxalign.trainers.logprobs import sequence_logps, token_logps
+
+
+def kto_forward(model, micro):
+    """Sequence log-probs (sums over completion tokens) of the rows [B] and of the KL pairs [B],
+    from one forward over both."""
+    b = micro["input_ids"].shape[0]
+    ids = jnp.concatenate([micro["input_ids"], micro["kl_input_ids"]])
+    attn = jnp.concatenate([micro["attention_mask"], micro["kl_attention_mask"]])
+    mask = jnp.concatenate([micro["loss_mask"], micro["kl_loss_mask"]])
+    sums, _ = sequence_logps(token_logps(model(ids, attn), ids), mask)
+    return sums[:b], sums[b:]
+
+
+@dataclasses.dataclass
+class KTO:
+    """``--rlhf_type kto`` for :class:`jaxalign.trainers.loop.Trainer`."""
+
+    cfg: object
+    ref_params: object = None  # frozen reference params (the starting model, or --ref_model)
+
+    def __post_init__(self):
+        cfg = self.cfg
+        self.task = "kto"
+        self.beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA["kto"]
+        self.desirable_weight = float(cfg.desirable_weight)
+        self.undesirable_weight = float(cfg.undesirable_weight)
+        if self.beta <= 0:
+            raise ConfigError(f"--beta {self.beta}: KTO needs beta > 0")
+        if self.desirable_weight < 0 or self.undesirable_weight < 0:
+            raise ConfigError("--desirable_weight and --undesirable_weight must be >= 0")
+        if cfg.get("loss_type") not in (None, "", "kto"):
+            raise ConfigError(f"--loss_type {cfg.loss_type!r} is not available for kto; this build has 'kto'")
+        if cfg.get("reference_free"):
+            raise ConfigError("--reference_free: KTO needs a reference model; drop the flag")
+        if cfg.get("precompute_ref_log_probs"):
+            raise ConfigError("--precompute_ref_log_probs is not supported for kto yet; drop the flag")
+        self.needs_reference = True
+        self.curve_keys = ("loss", "rewards/margins", "kl", "eval_loss")
+        self._graphdef = self._rest = None
+
+    # ----- Trainer hooks ----------------------------------------------------------------
+    def setup(self, trainer) -> None:
+        if trainer.micro_batch < 2:
+            raise ConfigError(
+                "kto estimates its KL reference point from mismatched pairs inside a micro-batch, which needs "
+                f"at least 2 rows (got {trainer.micro_batch}); raise --per_device_train_batch_size"
+            )
+        self._graphdef, self._rest = trainer.graphdef, trainer.rest
+        if self.ref_params is None:
+            self.ref_params = jax.tree.map(jnp.copy, trainer.state.params)  # the starting model, frozen
+
+    def extra(self):
+        return self.ref_params
+
+    def totals_fn(self, batch):
+        label = batch["label"].astype(jnp.float32)
+        return {
+            "rows": jnp.asarray(label.size, jnp.float32),
+            "chosen": jnp.maximum(jnp.sum(label), 1.0),
+            "rejected": jnp.maximum(jnp.sum(1.0 - label), 1.0),
+        }
+
+    def loss_fn(self, model, micro, totals, extra, rng):
+        b = micro["input_ids"].shape[0]
+        logps, kl_logps = kto_forward(model, micro)
+        ref_model = nnx.merge(self._graphdef, extra, self._rest)
+        ref_logps, ref_kl_logps = jax.lax.stop_gradient(kto_forward(ref_model, micro))
+        kl = kto_kl(kl_logps, ref_kl_logps)
+        losses, rewards, _ = kto_loss(
+            logps, logps, ref_logps, ref_logps, kl, beta=self.beta,
+            desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+        )
+        good = micro["label"].astype(bool)
+        g = good.astype(jnp.float32)
+        u = 1.0 - g
+        row_loss = jnp.where(good, losses[:b], losses[b:])
+        # rewards = beta * (logp - ref_logp) of every row, whichever its label
+        rows, nc, nr = totals["rows"], totals["chosen"], totals["rejected"]
+        chosen_r = jnp.sum(rewards * g) / nc
+        rejected_r = jnp.sum(rewards * u) / nr
+        correct = jnp.where(good, rewards > 0, rewards < 0).astype(jnp.float32)
+        metrics = {
+            "rewards/chosen": chosen_r,
+            "rewards/rejected": rejected_r,
+            "rewards/margins": chosen_r - rejected_r,
+            # share of rows whose implicit reward has the sign of its label
+            "rewards/accuracies": jnp.sum(correct) / rows,
+            "logps/chosen": jnp.sum(logps * g) / nc,
+            "logps/rejected": jnp.sum(logps * u) / nr,
+            "kl": kl * b / rows,
+        }
+        return jnp.sum(row_loss) / rows, metrics

@@ -1,0 +1,87 @@
+"""Reward-model training (``--rlhf_type rm``): Bradley-Terry on a value head, as TRL's RewardTrainer.
+
+The trainer's model is a :class:`jaxalign.models.value_head.RewardModel` (the loaded backbone
+plus a freshly initialised head, or the head saved beside ``--model``). Chosen and rejected are
+scored in one concatenated forward; the math is :func:`jaxalign.losses.reward_loss`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from jaxalign.losses.reward import reward_loss
+from jaxalign.models.value_head import RewardModel, new_reward_model
+
+
+def pair_scores(model: RewardModel, micro):
+    """(chosen scores [B], rejected scores [B]) from one forward over both."""
+    b = micro["chosen_input_ids"].shape[0]
+    ids = jnp.concatenate([micro["chosen_input_ids"], micro["rejected_input_ids"]])
+    attn = jnp.concatenate([micro["chosen_attention_mask"], micro["rejected_attention_mask"]])
+    s = model.scores(ids, attn)
+    return s[:b], s[b:]
+
+
+@dataclasses.dataclass
+class RewardModelling:
+    """``--rlhf_type rm`` for :class:`jaxalign.trainers.loop.Trainer`."""
+
+    cfg: object
+
+    def __post_init__(self):
+        self.task = "rm"
+        self.needs_reference = False
+        self.center = self.cfg.get("center_rewards_coefficient")
+        self.curve_keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_accuracy")
+
+    # ----- Trainer hooks ----------------------------------------------------------------
+    def wrap_model(self, model, mesh=None) -> RewardModel:
+        """The backbone plus a value head: the one saved beside --model, else a fresh seeded one."""
+        from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head, place_on_mesh
+
+        if isinstance(model, RewardModel):
+            return model
+        from jaxalign.trainers.checkpoint_model import is_reward_checkpoint, load_checkpoint_model
+
+        src = Path(self.cfg.model) if self.cfg.get("model") else None
+        if src is not None and is_reward_checkpoint(src):  # continue from an rm checkpoint: keep its head
+            head = load_checkpoint_model(src, value_head=True).v_head
+            return RewardModel(model, place_on_mesh(head, mesh))
+        if src is not None and (src / VALUE_HEAD_FILE).is_file():
+            head = place_on_mesh(load_value_head(src, model.config.hidden_size), mesh)
+            return RewardModel(model, head)
+        rm = new_reward_model(model, seed=int(self.cfg.seed))
+        return place_on_mesh(rm, mesh)
+
+    def extra(self):
+        return None
+
+    def totals_fn(self, batch):
+        return {"rows": jnp.asarray(batch["chosen_input_ids"].shape[0] * batch["chosen_input_ids"].shape[1], jnp.float32)}
+
+    def loss_fn(self, model, micro, totals, extra, rng):
+        b = micro["chosen_input_ids"].shape[0]
+        chosen, rejected = pair_scores(model, micro)
+        share = b / totals["rows"]  # this micro-batch's weight in the full-batch mean
+        margin = micro.get("margin")
+        loss = reward_loss(chosen, rejected, margin=margin, center_rewards_coefficient=self.center) * share
+        acc = jnp.mean((chosen > rejected).astype(jnp.float32)) * share
+        metrics = {
+            "rewards/chosen": jnp.mean(chosen) * share,
+            "rewards/rejected": jnp.mean(rejected) * share,
+            "rewards/accuracies": acc,
+            "rewards/margins": jnp.mean(chosen - rejected) * share,
+            "accuracy": acc,
+        }
+        if self.center is not None:
+            metrics["center_rewards_loss"] = self.center * jnp.mean((chosen + rejected) ** 2) * share
+        return loss, metrics
+
+    def export(self, trainer) -> None:
+        """Backbone as a Hugging Face folder in output_dir, head as output_dir/value_head.safetensors."""
+        from jaxalign.convert.value_head_io import save_reward_model
+
+        save_reward_model(trainer.model(), trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)
