@@ -64,10 +64,100 @@ def stage_options(**overrides) -> dict[str, Any]:
     return base
 
 
-def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 400, seed: int = 0, heldout: int = 200) -> dict:
+def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, seed, options, *, exact_match_before=None):
+    """Train ``kind`` (dpo or rm) from the SFT model; report held-out preference accuracy."""
+    from jaxalign.commands.rlhf import build_algorithm
+    from jaxalign.config import resolve
+    from jaxalign.evaluation import exact_match_accuracy
+    from jaxalign.trainers.run import build_trainer, finish
+
+    cfg = resolve("rlhf", None, {
+        "rlhf_type": kind, "model": str(out / "sft"), "dataset": train_file, "val_dataset": heldout_file,
+        "output_dir": str(out / kind), "max_steps": steps, "seed": seed,
+        **stage_options(per_device_train_batch_size=16, eval_steps=max(steps // 2, 1), warmup_ratio=0.0), **options,
+    })
+    t0 = time.time()
+    trainer = build_trainer(cfg, build_algorithm(cfg), quiet=True)
+    before = trainer.eval_metrics()
+    trainer.history = trainer.train()
+    finish(trainer)
+    evals = [r for r in trainer.history if any(k.startswith("eval_") for k in r)]
+    key = "eval_rewards/accuracies" if kind != "rm" else "eval_accuracy"
+    result = {
+        "steps": steps,
+        "seconds": round(time.time() - t0, 1),
+        "heldout_preference_accuracy_before": before.get(key),
+        "heldout_preference_accuracy_after": evals[-1].get(key) if evals else None,
+        "compilations": trainer.counter.count,
+    }
+    if kind == "dpo":
+        acc, _ = exact_match_accuracy(trainer.model(), trainer.tokenizer, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+        result.update(heldout_exact_match_before=exact_match_before, heldout_exact_match_after=acc)
+    return result
+
+
+def rm_scores(rm_path: Path, tokenizer, rows, completions) -> float:
+    """Mean score the reward model gives to (prompt, completion) pairs."""
+    from jaxalign.evaluation import render_prompts
+    from jaxalign.rewards.model_reward import RewardModelReward
+
+    _, reward = RewardModelReward.from_path(rm_path, tokenizer)
+    prompts = render_prompts(tokenizer, rows)
+    end = tokenizer.eos_token_id
+    comps = [tokenizer(c, add_special_tokens=False)["input_ids"] + [end] for c in completions]
+    return float(sum(reward(completions, prompt_ids=prompts, completion_ids=comps)) / len(rows))
+
+
+def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_match_before):
+    """GRPO (exact-match reward) or PPO (the demo's reward model) from the SFT model."""
+    from jaxalign.config import resolve
+    from jaxalign.evaluation import exact_match_accuracy, greedy_completions
+    from jaxalign.trainers.run import build_grpo_trainer, build_ppo_trainer, finish, load_tokenizer
+
+    common = {
+        "rlhf_type": kind, "model": str(out / "sft"), "dataset": prompt_file, "output_dir": str(out / kind),
+        "max_steps": steps, "seed": seed, "max_completion_length": MAX_NEW_TOKENS, "temperature": 1.0,
+        **stage_options(logging_steps=5, warmup_ratio=0.0),
+    }
+    if kind == "grpo":
+        extra = {"reward_funcs": "exact_match", "num_generations": 8, "per_device_train_batch_size": 64,
+                 "learning_rate": 2e-5, "beta": 0.04}
+    else:
+        extra = {"reward_model": str(out / "rm"), "per_device_train_batch_size": 32, "learning_rate": 1e-5,
+                 "num_ppo_epochs": 2, "kl_coef": 0.05, "num_sample_generations": 4, "missing_eos_penalty": 1.0}
+    cfg = resolve("rlhf", None, {**common, **extra})
+    tok = load_tokenizer(out / "sft")
+    result: dict[str, Any] = {"steps": steps}
+    if kind == "ppo":
+        from jaxalign.convert import load_hf_model
+
+        before = greedy_completions(load_hf_model(out / "sft"), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+        result["heldout_rm_score_before"] = rm_scores(out / "rm", tok, heldout_rows, before)
+    t0 = time.time()
+    trainer = build_grpo_trainer(cfg, quiet=True) if kind == "grpo" else build_ppo_trainer(cfg, quiet=True)
+    trainer.history = trainer.train()
+    if kind == "grpo":
+        finish(trainer)
+    else:
+        trainer.export()
+    acc, completions = exact_match_accuracy(trainer.model(), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+    result.update(seconds=round(time.time() - t0, 1), heldout_exact_match_before=exact_match_before,
+                  heldout_exact_match_after=acc, compilations=trainer.counter.count)
+    key = "reward" if kind == "grpo" else "objective/scores"
+    curve = [r[key] for r in trainer.history if key in r]
+    if curve:
+        result[f"train_{key.replace('/', '_')}_first"] = curve[0]
+        result[f"train_{key.replace('/', '_')}_last"] = curve[-1]
+    if kind == "ppo":
+        result["heldout_rm_score_after"] = rm_scores(out / "rm", tok, heldout_rows, completions)
+    return result
+
+
+def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 400, dpo_steps: int = 100, rm_steps: int = 100,
+             grpo_steps: int = 40, ppo_steps: int = 20, seed: int = 0, heldout: int = 200) -> dict:
     """Run every demo stage; return (and write) the summary."""
     from jaxalign.config import resolve
-    from jaxalign.data import make_addition_rows
+    from jaxalign.data import make_addition_rows, make_preference_rows, make_prompt_rows
     from jaxalign.evaluation import exact_match_accuracy
     from jaxalign.trainers.run import build_trainer, finish
     from jaxalign.trainers.sft import SFT
@@ -113,6 +203,31 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 400, seed: int
         ],
     }
     shutil.copy(out / "sft" / "curves.png", out / "curves.png")
+
+    # Stage 2: DPO from the SFT model on (correct, near-miss) pairs
+    pair_rows = make_preference_rows(2000, seed=seed + 2, digits=DIGITS, exclude=exclude)
+    pair_heldout = make_preference_rows(heldout, seed=seed + 1, digits=DIGITS)
+    pair_file = _write_jsonl(data / "pairs_train.jsonl", pair_rows)
+    pair_heldout_file = _write_jsonl(data / "pairs_heldout.jsonl", pair_heldout)
+    print(f"jaxalign demo: DPO for {dpo_steps} steps on {len(pair_rows)} pairs")
+    summary["dpo"] = preference_stage(
+        "dpo", out, pair_file, pair_heldout_file, heldout_rows, dpo_steps, seed,
+        {"beta": 0.1, "learning_rate": 2e-4, "rpo_alpha": 1.0}, exact_match_before=acc_after,
+    )
+
+    # Stage 3: a reward model on the same pairs
+    print(f"jaxalign demo: reward model for {rm_steps} steps on the same pairs")
+    summary["rm"] = preference_stage(
+        "rm", out, pair_file, pair_heldout_file, heldout_rows, rm_steps, seed, {"learning_rate": 5e-4},
+    )
+
+    # Stages 4 and 5: online RL from the SFT model
+    prompt_rows = make_prompt_rows(2000, seed=seed + 3, digits=DIGITS, exclude=exclude)
+    prompt_file = _write_jsonl(data / "prompts_train.jsonl", prompt_rows)
+    print(f"jaxalign demo: GRPO for {grpo_steps} steps with the exact-match reward")
+    summary["grpo"] = online_stage("grpo", out, prompt_file, heldout_rows, grpo_steps, seed, exact_match_before=acc_after)
+    print(f"jaxalign demo: PPO for {ppo_steps} updates with the demo's reward model")
+    summary["ppo"] = online_stage("ppo", out, prompt_file, heldout_rows, ppo_steps, seed, exact_match_before=acc_after)
     summary["seconds_total"] = round(time.time() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from jaxalign.errors import ConfigError, JaxalignError
 from jaxalign.rewards._text import short_error
 from jaxalign.rewards.cosine import CosineReward
+from jaxalign.rewards.exact_match import exact_match_reward
 from jaxalign.rewards.format_reward import format_reward
 from jaxalign.rewards.math_accuracy import accuracy
 from jaxalign.rewards.repetition import RepetitionPenalty
@@ -43,6 +44,7 @@ BUILTIN_REWARDS: dict[str, Any] = {
     "cosine": CosineReward,
     "repetition": RepetitionPenalty,
     "soft_overlong": SoftOverlong,
+    "exact_match": exact_match_reward,
 }
 
 _REGISTRY: dict[str, Any] = dict(BUILTIN_REWARDS)

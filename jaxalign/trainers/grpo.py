@@ -136,7 +136,7 @@ class GRPOTrainer:
                  for i in range(tokens.shape[0])]
         return roll, texts
 
-    def score(self, texts, extras, roll):
+    def score(self, texts, extras, roll, prompt_ids, prompt_mask):
         from jaxalign.rewards import score_completions
 
         columns: dict[str, list] = {}
@@ -144,6 +144,9 @@ class GRPOTrainer:
             columns[key] = [e.get(key) for e in extras for _ in range(self.G)]
         tokens, lengths = roll["tokens"], roll["lengths"]
         columns["completion_ids"] = [tokens[i, : lengths[i]].tolist() for i in range(tokens.shape[0])]
+        columns["prompt_ids"] = [
+            prompt_ids[i // self.G][prompt_mask[i // self.G] > 0].tolist() for i in range(tokens.shape[0])
+        ]
         return score_completions(self.reward_funcs, self.reward_weights, texts, columns)
 
     def generation_batch_arrays(self, prompt_batch):
@@ -151,7 +154,8 @@ class GRPOTrainer:
         cfg = self.cfg
         t0 = time.time()
         roll, texts = self.sample(prompt_batch)
-        total, per_func = self.score(texts, prompt_batch["extras"], roll)
+        total, per_func = self.score(texts, prompt_batch["extras"], roll, prompt_batch["prompt_input_ids"],
+                                     prompt_batch["prompt_attention_mask"])
         groups = total.reshape(-1, self.G)
         if cfg.dynamic_sample:
             for _ in range(cfg.max_resample_times):
@@ -162,7 +166,8 @@ class GRPOTrainer:
                 if extra_batch["prompt_input_ids"].shape != prompt_batch["prompt_input_ids"].shape:
                     break
                 roll2, texts2 = self.sample(extra_batch)
-                total2, per2 = self.score(texts2, extra_batch["extras"], roll2)
+                total2, per2 = self.score(texts2, extra_batch["extras"], roll2, extra_batch["prompt_input_ids"],
+                                          extra_batch["prompt_attention_mask"])
                 g2 = total2.reshape(-1, self.G)
                 good = np.where(np.std(g2, axis=1) > 0)[0]
                 # replace flat groups by informative groups from the resample, group by group
