@@ -3,26 +3,50 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
-from jaxalign.errors import JaxalignError
+from jaxalign.errors import ConfigError, JaxalignError
 
 # Subcommand modules, in the order `jaxalign --help` lists them.
 COMMANDS = ["demo", "sft", "rlhf", "infer", "export"]
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is a one-line :class:`ConfigError` (no usage dump)."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxalign", description="Align language models with human preferences in JAX.")
+    parser = ArgumentParser(prog="jaxalign", description="Align language models with human preferences in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     for name in COMMANDS:
         importlib.import_module(f"jaxalign.commands.{name}").register(sub)
+    parser.subcommands = sub.choices
     return parser
 
 
+def _unknown_flags(parser: argparse.ArgumentParser, command: str, extra: list[str]) -> ConfigError:
+    """One line naming the unknown flags, a close known flag for each, and where the list is."""
+    sub = parser.subcommands[command]
+    known = [s for a in sub._actions for s in a.option_strings]
+    hints = []
+    for flag in extra:
+        if flag.startswith("-"):
+            hints += difflib.get_close_matches(flag.split("=", 1)[0], known, n=1)
+    what = " ".join(extra) + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+    return ConfigError(f"unrecognized arguments: {what}; see `jaxalign {command} --help` for the valid flags")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            raise _unknown_flags(parser, args.command, extra)
         return int(args.func(args) or 0)
     except JaxalignError as e:
         print(f"jaxalign: error: {e}", file=sys.stderr)

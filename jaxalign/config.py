@@ -204,7 +204,7 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
     cfg = default_config(command)
     for layer, source in ((file_config or {}, "config file"), (flags, "command line")):
         for key, value in dict(layer).items():
-            if key not in OPTIONS:
+            if key not in OPTIONS or command not in OPTIONS[key].commands:
                 raise ConfigError(f"{source}: unknown option {key!r}; see `jaxalign {command} --help`")
             cfg[key] = coerce(key, value)
     _check(cfg)

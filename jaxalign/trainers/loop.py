@@ -186,12 +186,14 @@ class Trainer:
         try:
             for step in range(start + 1, self.total_steps + 1):
                 batch = self._next_step_batch()
-                tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
                 metrics = jax.device_get(self.train_step(batch))
                 loss = float(metrics["loss"])
-                if not math.isfinite(loss):
+                # A non-finite gradient norm means this step's update already poisoned the params.
+                grad_norm = float(metrics.get("grad_norm", 0.0))
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     raise TrainingDiverged(
-                        f"step {step}: loss is {loss}; stopped without saving (last good checkpoint: "
+                        f"step {step}: loss is {loss}, grad_norm is {grad_norm}; stopped without saving (last good checkpoint: "
                         f"{'checkpoint-' + str(last_saved) if last_saved else 'none'}); lower --learning_rate"
                     )
                 window.append({k: float(v) for k, v in metrics.items()})

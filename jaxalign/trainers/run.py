@@ -116,7 +116,7 @@ def run_offline(cfg, algorithm, *, quiet: bool = False):
 def build_grpo_trainer(cfg, *, quiet: bool = False):
     """Policy, prompts and reward functions for GRPO, wrapped in a ready GRPOTrainer."""
     from jaxalign.data import prepare_data
-    from jaxalign.parallel import initialize_distributed, make_mesh
+    from jaxalign.parallel import initialize_distributed
     from jaxalign.rewards import build_reward_funcs
     from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.grpo import GRPOTrainer, split_names
@@ -129,7 +129,7 @@ def build_grpo_trainer(cfg, *, quiet: bool = False):
                           "repetition, soft_overlong, a plugin's) or --reward_model")
     check_output_dir(cfg)
     initialize_distributed()
-    mesh = make_mesh(cfg.mesh)
+    mesh = run_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg.model)
     model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
     options = {k: cfg[k] for k in cfg.keys()}
@@ -155,7 +155,7 @@ def build_ppo_trainer(cfg, *, quiet: bool = False):
     """Policy, reference, reward and value models plus prompts, wrapped in a ready PPOTrainer."""
     from jaxalign.convert.value_head_io import load_reward_model
     from jaxalign.data import prepare_data
-    from jaxalign.parallel import initialize_distributed, make_mesh
+    from jaxalign.parallel import initialize_distributed
     from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.ppo import PPOTrainer
 
@@ -165,7 +165,7 @@ def build_ppo_trainer(cfg, *, quiet: bool = False):
         raise ConfigError("--reward_model is required for PPO: a reward-model export (backbone + value_head.safetensors)")
     check_output_dir(cfg)
     initialize_distributed()
-    mesh = make_mesh(cfg.mesh)
+    mesh = run_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg.model)
     policy = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
     ref = load_any_model(cfg.ref_model or cfg.model, dtype=cfg.torch_dtype, mesh=mesh)

@@ -47,15 +47,38 @@ def split_model(model: nnx.Module):
 def create_train_state(params, optimizer: optax.GradientTransformation, mesh: Mesh, seed: int) -> TrainState:
     """A TrainState whose optimizer state is laid out like the (already sharded) params."""
     shardings = param_shardings(params, mesh)
-    init = jax.jit(optimizer.init, in_shardings=(shardings,))
-    opt_state = init(params)
     rep = NamedSharding(mesh, PartitionSpec())
+    init = jax.jit(
+        optimizer.init, in_shardings=(shardings,), out_shardings=optimizer_state_shardings(optimizer, params, mesh)
+    )
+    opt_state = init(params)
     return TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), rep),
         params=params,
         opt_state=opt_state,
         rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), rep),
     )
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, params, mesh: Mesh):
+    """Shardings for ``optimizer.init(params)``: every sub-tree shaped like the params (Adam's
+    moments) is sharded like them, everything else (step counts) replicated on the mesh.
+    Without them the state would land unsharded on one device, apart from the params."""
+    rep = NamedSharding(mesh, PartitionSpec())
+    params_def = jax.tree.structure(params)
+    param_leaves = jax.tree.leaves(params)
+    sharding_leaves = jax.tree.leaves(param_shardings(params, mesh))
+    assert len(sharding_leaves) == len(param_leaves)
+    shapes = [tuple(x.shape) for x in param_leaves]
+
+    def like_params(node) -> bool:
+        leaves, treedef = jax.tree.flatten(node)
+        return treedef == params_def and [tuple(x.shape) for x in leaves] == shapes
+
+    def assign(node):
+        return jax.tree.unflatten(params_def, sharding_leaves) if like_params(node) else rep
+
+    return jax.tree.map(assign, jax.eval_shape(optimizer.init, params), is_leaf=like_params)
 
 
 def state_shardings(state: TrainState):
