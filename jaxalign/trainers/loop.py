@@ -188,6 +188,8 @@ class Trainer:
                 batch = self._next_step_batch()
                 tokens += sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask"))
                 metrics = jax.device_get(self.train_step(batch))
+                if hasattr(self.algo, "after_step"):
+                    self.algo.after_step(metrics)
                 loss = float(metrics["loss"])
                 # A non-finite gradient norm means this step's update already poisoned the params.
                 grad_norm = float(metrics.get("grad_norm", 0.0))

@@ -77,10 +77,19 @@ class PairPreference:
         self.needs_reference = self.task == "dpo" and not cfg.reference_free
         self.curve_keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss")
         self._graphdef = self._rest = None
+        # bco_pair: the running mean of the rewards (TRL's RunningMoments), kept on the host and
+        # fed to the step; updated after each step with that step's rewards (one step behind TRL).
+        self.uses_bco = "bco_pair" in self.loss_types
+        self.bco_mean, self.bco_count = 0.0, 0
+        self._replicated = None
 
     # ----- Trainer hooks ----------------------------------------------------------------
     def setup(self, trainer) -> None:
+        from jax.sharding import NamedSharding, PartitionSpec
+
         self._graphdef, self._rest = trainer.graphdef, trainer.rest
+        self._replicated = NamedSharding(trainer.mesh, PartitionSpec())
+        self._rows_per_step = trainer.micro_batch * trainer.accum
         if not self.needs_reference:
             return
         if self.ref_params is None:
@@ -92,7 +101,20 @@ class PairPreference:
             self.ref_params = None  # no reference params kept on device afterwards
 
     def extra(self):
-        return self.ref_params
+        if not self.uses_bco:
+            return self.ref_params
+        delta = jax.device_put(jnp.asarray(self.bco_mean, jnp.float32), self._replicated)
+        return {"ref": self.ref_params, "bco_delta": delta}
+
+    def after_step(self, metrics) -> None:
+        """Fold this step's rewards into the bco_pair running mean."""
+        if not self.uses_bco:
+            return
+        batch_mean = 0.5 * (float(metrics["rewards/chosen"]) + float(metrics["rewards/rejected"]))
+        n = 2 * self._rows_per_step
+        total = self.bco_count + n
+        self.bco_mean = (self.bco_mean * self.bco_count + batch_mean * n) / total
+        self.bco_count = total
 
     def totals_fn(self, batch):
         rows = batch["chosen_input_ids"].shape[0] * batch["chosen_input_ids"].shape[1]
@@ -102,6 +124,9 @@ class PairPreference:
         }
 
     def loss_fn(self, model, micro, totals, extra, rng):
+        bco_delta = 0.0
+        if self.uses_bco:
+            extra, bco_delta = extra["ref"], extra["bco_delta"]
         b = micro["chosen_input_ids"].shape[0]
         sums, counts, label_logits, tlp, mask = pair_forward(model, micro)
         avg = sums / jnp.maximum(counts, 1.0)
@@ -115,7 +140,7 @@ class PairPreference:
                 ref_sums, _, _, _, _ = pair_forward(ref_model, micro)
                 ref_sums = jax.lax.stop_gradient(ref_sums)
             ref_avg = ref_sums / jnp.maximum(counts, 1.0)
-        losses, chosen_r, rejected_r, extra_metrics = self._losses(sums, avg, ref_sums, ref_avg, b)
+        losses, chosen_r, rejected_r, extra_metrics = self._losses(sums, avg, ref_sums, ref_avg, b, bco_delta)
         rows = totals["rows"]
         nll = nll_sum / totals["chosen_tokens"]
         loss = jnp.sum(losses) / rows + self.nll_weight * nll
@@ -134,7 +159,7 @@ class PairPreference:
         return loss, metrics
 
     # ----- the math dispatch --------------------------------------------------------------
-    def _losses(self, sums, avg, ref_sums, ref_avg, b):
+    def _losses(self, sums, avg, ref_sums, ref_avg, b, bco_delta=0.0):
         cfg, beta = self.cfg, self.beta
         extra: dict = {}
         if self.task == "dpo":
@@ -150,7 +175,7 @@ class PairPreference:
                 losses, cr, rr = dpo_loss(
                     pol[:b], pol[b:], ref[:b], ref[b:], beta=beta, loss_type=t,
                     label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free,
-                    discopop_tau=cfg.discopop_tau,
+                    discopop_tau=cfg.discopop_tau, bco_delta=bco_delta if t == "bco_pair" else 0.0,
                 )
                 total, chosen_r, rejected_r = total + w * losses, chosen_r + w * cr, rejected_r + w * rr
             return total, chosen_r, rejected_r, extra
