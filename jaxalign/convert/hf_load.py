@@ -108,14 +108,18 @@ def load_hf_model(path: str | Path, *, dtype: str = "float32", mesh: Mesh | None
     values = {}
     for e in table:
         if e.hf_name not in tensors:
-            raise CheckpointError(f"{folder}: tensor {e.hf_name!r} is missing from the checkpoint")
+            raise CheckpointError(
+                f"{folder}: tensor {e.hf_name!r} is missing from the checkpoint; the weights and config.json "
+                "do not match — re-download or re-export the model"
+            )
         f = tensors[e.hf_name]
         want = tuple(flat[e.path].shape)
         have = f.shape(e.hf_name)
         if (have[::-1] if e.transpose else have) != want:
             hf_want = want[::-1] if e.transpose else want
             raise CheckpointError(
-                f"{f.path}: tensor {e.hf_name!r} has shape {list(have)}, config.json implies {list(hf_want)}"
+                f"{f.path}: tensor {e.hf_name!r} has shape {list(have)}, config.json implies {list(hf_want)}; "
+                "the weights and config.json do not match — re-download or re-export the model"
             )
         arr = f.get(e.hf_name)
         if e.transpose:

@@ -7,6 +7,7 @@ its name, and so bfloat16 tensors read into numpy without a framework.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -53,9 +54,19 @@ class SafetensorsFile:
         self._data_start = 8 + header_len
         data_len = size - self._data_start
         for name, e in header.items():
-            if e.get("dtype") not in _DTYPES:
-                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e.get('dtype')!r}")
-            end = e["data_offsets"][1]
+            if not isinstance(e, dict) or e.get("dtype") not in _DTYPES:
+                dtype = e.get("dtype") if isinstance(e, dict) else None
+                raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {dtype!r}")
+            try:
+                start, end = (int(x) for x in e["data_offsets"])
+                nbytes = math.prod(int(n) for n in e["shape"]) * np.dtype(_DTYPES[e["dtype"]]).itemsize
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{bad}: tensor {name!r} has a malformed header entry; re-download or re-export it") from None
+            if start < 0 or end - start != nbytes:
+                raise CheckpointError(
+                    f"{bad}: tensor {name!r} spans bytes {start}..{end} but its shape {e['shape']} "
+                    f"and dtype {e['dtype']} need {nbytes}; re-download or re-export it"
+                )
             if end > data_len:
                 raise CheckpointError(
                     f"{bad}: tensor {name!r} ends at byte {end} of {data_len} data bytes; re-download or re-export it"

@@ -31,7 +31,7 @@ def weight_table(c: ModelConfig) -> list[WeightEntry]:
         hf, ours = f"model.layers.{i}", ("layers", i)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
             t.append(WeightEntry(f"{hf}.self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), True))
-            if c.attention_bias and proj != "o_proj":
+            if (c.o_proj_bias if proj == "o_proj" else c.attention_bias):
                 t.append(WeightEntry(f"{hf}.self_attn.{proj}.bias", (*ours, "self_attn", proj, "bias"), False))
         if c.qk_norm:
             for norm in ("q_norm", "k_norm"):

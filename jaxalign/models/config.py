@@ -38,10 +38,14 @@ class ModelConfig:
     rope_original_max_position: int = 8192
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
-    mlp_bias: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2; Llama/Qwen3 with attention_bias)
+    o_proj_bias: bool = False  # bias on o_proj (Llama/Qwen3 with attention_bias; never Qwen2 or Mistral)
+    mlp_bias: bool = False  # bias on gate/up/down (Llama with mlp_bias)
     qk_norm: bool = False  # RMSNorm on q and k per head (Qwen3)
     sliding_window: int | None = None
+    # Per-layer "full_attention" / "sliding_attention" (Qwen2/Qwen3 layer_types); None: every
+    # layer uses ``sliding_window`` (Mistral).
+    layer_types: tuple[str, ...] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -51,6 +55,14 @@ class ModelConfig:
     @property
     def num_query_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The attention window of layer ``layer`` (None: full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json to write next to exported weights."""
@@ -101,8 +113,14 @@ def _fresh_hf_dict(c: ModelConfig) -> dict[str, Any]:
         d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
     if c.model_type == "qwen3":
         d.update(attention_bias=c.attention_bias)
-    if c.model_type in ("mistral", "qwen2", "qwen3"):
+    if c.model_type == "mistral":
+        d.update(sliding_window=c.sliding_window)
+    if c.model_type in ("qwen2", "qwen3"):
         d.update(sliding_window=c.sliding_window, use_sliding_window=c.sliding_window is not None)
+        layer_types = c.layer_types or tuple(
+            "sliding_attention" if c.sliding_window is not None else "full_attention" for _ in range(c.num_hidden_layers)
+        )
+        d.update(layer_types=list(layer_types), max_window_layers=c.num_hidden_layers)
     return d
 
 
@@ -121,28 +139,34 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
     try:
         heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
+        layers = int(d["num_hidden_layers"])
         rope = _rope_from_hf(d, source)
-        sliding = None
-        if model_type == "mistral":
-            sliding = d.get("sliding_window")
-        elif model_type in ("qwen2", "qwen3") and d.get("use_sliding_window"):
-            sliding = d.get("sliding_window")
+        sliding, layer_types = _sliding_from_hf(d, model_type, layers, source)
+        # Which projections carry a bias, as each Hugging Face family builds its nn.Linear layers.
+        if model_type == "qwen2":
+            qkv_bias, o_bias = True, False
+        elif model_type in ("llama", "qwen3"):
+            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+        else:  # mistral: no biases at all
+            qkv_bias = o_bias = False
         return ModelConfig(
             model_type=model_type,
             vocab_size=int(d["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(d["intermediate_size"]),
-            num_hidden_layers=int(d["num_hidden_layers"]),
+            num_hidden_layers=layers,
             num_attention_heads=heads,
             num_key_value_heads=int(d.get("num_key_value_heads") or heads),
             head_dim=int(d.get("head_dim") or hidden // heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=model_type == "qwen2" or bool(d.get("attention_bias", False)),
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            attention_bias=qkv_bias,
+            o_proj_bias=o_bias,
+            mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
-            sliding_window=int(sliding) if sliding else None,
+            sliding_window=sliding,
+            layer_types=layer_types,
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(d["eos_token_id"]) if isinstance(d.get("eos_token_id"), list) else d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -151,6 +175,30 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
         )
     except KeyError as e:
         raise CheckpointError(f"{source}: required key {e.args[0]!r} is missing; is this a causal LM config.json?") from None
+    except (TypeError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{source}: invalid value ({e}); restore the model's original config.json") from None
+
+
+def _sliding_from_hf(d: dict[str, Any], model_type: str, layers: int, source: str):
+    """(window, per-layer types) the way transformers decides which layers use sliding-window attention."""
+    if model_type == "mistral":
+        window = d.get("sliding_window")
+        return (int(window) if window else None), None
+    if model_type not in ("qwen2", "qwen3") or not d.get("use_sliding_window") or not d.get("sliding_window"):
+        return None, None
+    window = int(d["sliding_window"])
+    types = d.get("layer_types")
+    if types is None:
+        first = int(d.get("max_window_layers", 28))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
+    types = tuple(types)
+    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise CheckpointError(
+            f"{source}: layer_types must list 'full_attention' or 'sliding_attention' for each of the {layers} layers"
+        )
+    if "sliding_attention" not in types:
+        return None, None
+    return window, types
 
 
 def _rope_from_hf(d: dict[str, Any], source: str) -> dict[str, Any]:

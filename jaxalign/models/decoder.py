@@ -61,13 +61,14 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional qkv bias and q/k norm, and a KV cache."""
 
-    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs, sliding_window: int | None = None):
         self.c = c
+        self.sliding_window = sliding_window
         h, n, k, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_proj = Linear(h, n * d, ("embed", "heads"), bias=c.attention_bias, rngs=rngs)
         self.k_proj = Linear(h, k * d, ("embed", "kv_heads"), bias=c.attention_bias, rngs=rngs)
         self.v_proj = Linear(h, k * d, ("embed", "kv_heads"), bias=c.attention_bias, rngs=rngs)
-        self.o_proj = Linear(n * d, h, ("heads", "embed"), bias=False, rngs=rngs)
+        self.o_proj = Linear(n * d, h, ("heads", "embed"), bias=c.o_proj_bias, rngs=rngs)
         self.q_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
 
@@ -87,20 +88,21 @@ class Attention(nnx.Module):
             new_cache = (k, v)
         else:
             new_cache = None
-        out = _attend(q, k.astype(dtype), v.astype(dtype), key_valid, q_slots, k_slots, c)
+        out = _attend(q, k.astype(dtype), v.astype(dtype), key_valid, q_slots, k_slots, c, self.sliding_window)
         return self.o_proj(out.reshape(b, t, -1), dtype), new_cache
 
 
-def _attend(q, k, v, key_valid, q_slots, k_slots, c: ModelConfig):
-    """Softmax attention of q [B,T,N,D] over k, v [B,S,K,D]; masks are causal on slot indices."""
+def _attend(q, k, v, key_valid, q_slots, k_slots, c: ModelConfig, sliding_window: int | None = None):
+    """Softmax attention of q [B,T,N,D] over k, v [B,S,K,D]; masks are causal on slot indices
+    (and limited to the last ``sliding_window`` slots when given)."""
     b, t, n, d = q.shape
     groups = c.num_query_groups
     q = q.reshape(b, t, c.num_key_value_heads, groups, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)
     allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
-    if c.sliding_window is not None:
-        allowed &= (q_slots[:, None] - k_slots[None, :]) < c.sliding_window
+    if sliding_window is not None:
+        allowed &= (q_slots[:, None] - k_slots[None, :]) < sliding_window
     allowed = allowed[None, :, :] & (key_valid[:, None, :] > 0)  # [B, T, S]
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -121,9 +123,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs, layer_index: int = 0):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c, rngs=rngs)
+        self.self_attn = Attention(c, rngs=rngs, sliding_window=c.layer_sliding_window(layer_index))
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c, rngs=rngs)
 
@@ -147,7 +149,7 @@ class Decoder(nnx.Module):
         self.remat = False
         c = config
         self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
+        self.layers = nnx.List([DecoderLayer(c, rngs=rngs, layer_index=i) for i in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 

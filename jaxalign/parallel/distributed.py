@@ -6,7 +6,7 @@ import os
 
 import jax
 
-_MULTI_HOST_HINTS = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+_MULTI_HOST_HINTS = ("JAX_COORDINATOR_ADDRESS",)
 
 
 def is_multi_host_environment(env=None) -> bool:
@@ -33,6 +33,16 @@ def initialize_distributed() -> bool:
     global _initialized
     if _initialized or not is_multi_host_environment():
         return False
-    jax.distributed.initialize()
+    env = os.environ
+    kwargs = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        # An explicit cluster: pass what the environment says; otherwise JAX detects TPU pods,
+        # SLURM and MPI by itself.
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+        if env.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+        if env.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
     _initialized = True
     return True

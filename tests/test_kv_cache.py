@@ -1,0 +1,108 @@
+"""KV cache self-consistency: prefill + single-token decode steps equal one full forward (float32).
+
+Calls are compiled, as the sampler runs them (cache index traced); one compilation per shape is
+also far cheaper than eager op-by-op dispatch of new shapes.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from foundation_helpers import SHARP, jit_cached, jit_forward, padded_batch
+from hf_models import save_hf_model_dir
+from jaxalign.convert import load_hf_model
+from jaxalign.models import init_cache
+
+CASES = {
+    "llama": ("llama", {}),  # GQA, untied
+    "llama3_rope_tied": ("llama3_rope_tied", {}),
+    "qwen2": ("qwen2", {}),  # qkv bias
+    "qwen3": ("qwen3", {}),  # q/k norm
+    "mistral_sliding_window": ("mistral", dict(sliding_window=4)),  # decoding runs past the window
+}
+PROMPT_LENGTHS, PROMPT_WIDTH = (7, 4, 2), 7  # left-padded prompts of mixed lengths
+STEPS = 5
+MAX_LEN = 16  # more slots than used: the empty ones must stay masked
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    cache = {}
+
+    def get(case):
+        if case not in cache:
+            family, overrides = CASES[case]
+            folder = tmp_path_factory.mktemp(case)
+            save_hf_model_dir(family, folder, **SHARP, **overrides)
+            cache[case] = load_hf_model(folder)
+        return cache[case]
+
+    return get
+
+
+def data(vocab):
+    """Left-padded prompts, STEPS tokens to decode, and the full sequence's mask."""
+    prompt, prompt_mask = padded_batch(PROMPT_LENGTHS, PROMPT_WIDTH, "left", vocab=vocab)
+    new_tokens = np.random.RandomState(1).randint(3, vocab, size=(len(PROMPT_LENGTHS), STEPS)).astype(np.int32)
+    return prompt, prompt_mask, new_tokens
+
+
+def full_forward(model, prompt, prompt_mask, new_tokens):
+    """Logits of one forward over prompt + new tokens: the reference."""
+    ids = np.concatenate([prompt, new_tokens], axis=1)
+    mask = np.concatenate([prompt_mask, np.ones_like(new_tokens)], axis=1)
+    return np.asarray(jit_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def check_prefill(logits, full, prompt_mask):
+    real = prompt_mask.astype(bool)
+    assert float(np.abs(np.asarray(logits)[real] - full[:, : prompt_mask.shape[1]][real]).max()) <= TOL
+
+
+def decode(step, model, cache, new_tokens, full):
+    """Feed new tokens one at a time; each step's logits equal the full forward's at that slot."""
+    first = int(cache.index)
+    for i in range(new_tokens.shape[1]):
+        tokens = jnp.asarray(new_tokens[:, i : i + 1])
+        logits, cache = step(model, tokens, jnp.ones_like(tokens), cache)
+        assert logits.shape == (len(PROMPT_LENGTHS), 1, model.config.vocab_size)
+        assert float(np.abs(np.asarray(logits[:, 0]) - full[:, first + i]).max()) <= TOL, f"decode step {i}"
+    return cache
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_then_decode_equals_full_forward(models, case):
+    model = models(case)
+    prompt, prompt_mask, new_tokens = data(model.config.vocab_size)
+    full = full_forward(model, prompt, prompt_mask, new_tokens)
+
+    cache = init_cache(model.config, len(PROMPT_LENGTHS), MAX_LEN)
+    logits, cache = jit_cached(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache)
+    assert logits.dtype == jnp.float32
+    check_prefill(logits, full, prompt_mask)
+    assert int(cache.index) == PROMPT_WIDTH
+    np.testing.assert_array_equal(np.asarray(cache.lengths), PROMPT_LENGTHS)
+
+    cache = decode(jit_cached, model, cache, new_tokens, full)
+    assert int(cache.index) == PROMPT_WIDTH + STEPS
+    np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(PROMPT_LENGTHS) + STEPS)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral_sliding_window"])
+def test_prefill_in_two_chunks(models, case):
+    model = models(case)
+    prompt, prompt_mask, new_tokens = data(model.config.vocab_size)
+    full = full_forward(model, prompt, prompt_mask, new_tokens)
+    cut = 3  # the shortest prompt (2 tokens) is all padding in the first chunk
+    assert prompt_mask[:, :cut].sum(axis=1).min() == 0
+
+    cache = init_cache(model.config, len(PROMPT_LENGTHS), MAX_LEN)
+    logits1, cache = jit_cached(model, jnp.asarray(prompt[:, :cut]), jnp.asarray(prompt_mask[:, :cut]), cache)
+    logits2, cache = jit_cached(model, jnp.asarray(prompt[:, cut:]), jnp.asarray(prompt_mask[:, cut:]), cache)
+    check_prefill(np.concatenate([np.asarray(logits1), np.asarray(logits2)], axis=1), full, prompt_mask)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), PROMPT_LENGTHS)
+    # Decode steps may leave the mask out (every new token is real).
+    decode(lambda m, tokens, _mask, c: jit_cached(m, tokens, None, c), model, cache, new_tokens[:, :2], full)
