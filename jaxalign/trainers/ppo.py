@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.errors import ConfigError
 from jaxalign.trainers.checkpoint import CheckpointWriter, read_meta, resolve_resume, restore_state
 from jaxalign.trainers.logging import MetricsLogger
 from jaxalign.trainers.loop import TrainingDiverged, stack_micro_batches
@@ -198,13 +197,16 @@ class PPOTrainer:
         """Greedy responses to fixed evaluation prompts with their reward-model scores."""
         from jaxalign.data.collate import collate_prompt
 
-        batch = collate_prompt(self.eval_rows, max(ex.length for ex in self.eval_rows), self.pad_id)
+        # the sampler shards rows over data*fsdp: repeat the last prompt up to a multiple, drop the copies after
+        n = len(self.eval_rows)
+        rows = self.eval_rows + self.eval_rows[-1:] * (-n % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]))
+        batch = collate_prompt(rows, max(ex.length for ex in rows), self.pad_id)
         roll = self.sample(batch["prompt_input_ids"], batch["prompt_attention_mask"], greedy=True)
         p = batch["prompt_input_ids"].shape[1]
         ids = np.concatenate([batch["prompt_input_ids"], roll["tokens"]], axis=1).astype(np.int32)
         attn = np.concatenate([batch["prompt_attention_mask"], roll["mask"]], axis=1).astype(np.int32)
-        scores = np.asarray(jax.jit(lambda rp, a, m: nnx.merge(self.rm_graphdef, rp).scores(a, m))(self.rm_params, ids, attn))
-        for i in range(ids.shape[0]):
+        scores = np.asarray(self._score_fn(self.rm_params, ids, attn))[:n]
+        for i in range(n):
             file.write(json.dumps({
                 "step": step,
                 "prompt": self.tokenizer.decode(ids[i, :p][attn[i, :p] > 0].tolist()),
@@ -213,6 +215,12 @@ class PPOTrainer:
             }) + "\n")
         file.flush()
         return float(scores.mean())
+
+    @functools.cached_property
+    def _score_fn(self):
+        """Reward-model scores of full sequences, compiled once (a fresh jit per call would recompile)."""
+        rm_graphdef = self.rm_graphdef
+        return jax.jit(lambda rm_params, ids, mask: nnx.merge(rm_graphdef, rm_params).scores(ids, mask))
 
     def _meta(self, step):
         return {
