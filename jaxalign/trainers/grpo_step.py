@@ -19,11 +19,14 @@ from jaxalign.trainers.logprobs import token_entropy, token_logps
 
 
 def completion_logps(model, micro, prompt_len: int, temperature: float):
-    """(per-token log-probs [B, C], per-token entropies [B, C]) of the completion part."""
+    """(per-token log-probs [B, C], per-token entropies [B, C]) of the completion part.
+
+    Greedy sampling (temperature 0) records log-probs at temperature 1, as the sampler does.
+    """
+    temperature = temperature if temperature > 0 else 1.0
     logits = model(micro["input_ids"], micro["attention_mask"])
     lp = token_logps(logits, micro["input_ids"], temperature=temperature)[:, prompt_len:]
-    scaled = logits / temperature if temperature > 0 else logits
-    ent = token_entropy(scaled)[:, prompt_len:]
+    ent = token_entropy(logits / temperature)[:, prompt_len:]
     return lp, ent
 
 
@@ -77,7 +80,9 @@ class GRPOUpdate:
             weight = mask.shape[0] / totals["rows"]
         token_w = mask / totals["tokens"]
         drift = jnp.sum(jnp.abs(jax.lax.stop_gradient(lp) - micro["old_logps"]) * token_w)
-        metrics = {k: v * weight for k, v in m.items()}
+        # kl and clip ratios are token means whatever the loss type: weigh them by token share
+        token_share = jnp.maximum(jnp.sum(mask), 1.0) / totals["tokens"]
+        metrics = {k: v * token_share for k, v in m.items()}
         metrics["entropy"] = jnp.sum(ent * token_w)
         metrics["rollout/logp_drift"] = drift
         return loss * weight, metrics
