@@ -81,10 +81,11 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # heads-major [B, K, T, D], as the cache
         if layer_cache is not None:
             cache_k, cache_v, start = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, start, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, start, 0, 0))
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, start, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, start, 0))
             new_cache = (k, v)
         else:
             new_cache = None
@@ -93,12 +94,12 @@ class Attention(nnx.Module):
 
 
 def _attend(q, k, v, key_valid, q_slots, k_slots, c: ModelConfig, sliding_window: int | None = None):
-    """Softmax attention of q [B,T,N,D] over k, v [B,S,K,D]; masks are causal on slot indices
+    """Softmax attention of q [B,T,N,D] over k, v [B,K,S,D]; masks are causal on slot indices
     (and limited to the last ``sliding_window`` slots when given)."""
     b, t, n, d = q.shape
     groups = c.num_query_groups
     q = q.reshape(b, t, c.num_key_value_heads, groups, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)
     allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
     if sliding_window is not None:
@@ -106,7 +107,7 @@ def _attend(q, k, v, key_valid, q_slots, k_slots, c: ModelConfig, sliding_window
     allowed = allowed[None, :, :] & (key_valid[:, None, :] > 0)  # [B, T, S]
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
     return out.reshape(b, t, n * d)
 
 

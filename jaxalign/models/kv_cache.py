@@ -9,9 +9,14 @@ from flax import struct
 from jaxalign.models.config import ModelConfig
 
 
+# Keys and values are stored heads-major, [B, kv_heads, max_len, head_dim]: the attention dots then read them in
+# place; a [B, max_len, kv_heads, head_dim] cache costs a transpose copy of the whole cache per layer and step.
+KV_AXES = ("batch", "kv_heads", "length", None)
+
+
 @struct.dataclass
 class KVCache:
-    """Per-layer keys and values [B, max_len, kv_heads, head_dim] and the slots' bookkeeping.
+    """Per-layer keys and values [B, kv_heads, max_len, head_dim] and the slots' bookkeeping.
 
     ``mask`` marks slots holding real tokens (left padding of prompts stays 0), ``index`` is the
     next free slot (shared by every row), ``lengths`` counts each row's real tokens so far and
@@ -31,7 +36,7 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for ``batch_size`` rows of at most ``max_len`` tokens."""
-    shape = (batch_size, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
     return KVCache(
         keys=zeros,

@@ -57,6 +57,9 @@ class GRPOTrainer:
         self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.model_config = model.config
+        from jaxalign.trainers.ppo import _stop_ids
+
+        self.stop_ids = _stop_ids(tokenizer, model.config)
         model.remat = bool(cfg.gradient_checkpointing)
         self.graphdef, params, self.rest = split_model(model)
         self.G = cfg.num_generations
@@ -128,7 +131,8 @@ class GRPOTrainer:
             self._policy(), prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
             max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
             top_k=max(cfg.top_k, 0), top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-            rng=rng, num_return_sequences=self.G, pad_token_id=self.pad_id, mesh=self.mesh,
+            stop_token_ids=self.stop_ids, rng=rng, num_return_sequences=self.G, pad_token_id=self.pad_id,
+            mesh=self.mesh,
         )
         roll = {name: np.array(getattr(roll, name)) for name in ("tokens", "logps", "mask", "lengths", "finished")}
         tokens, lengths = roll["tokens"], roll["lengths"]
