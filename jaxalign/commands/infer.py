@@ -22,8 +22,8 @@ DESCRIPTION = (
 def register(sub) -> None:
     p = sub.add_parser(NAME, help=HELP, description=DESCRIPTION)
     p.add_argument("--model", required=True,
-                   help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files); "
-                        "jaxalign training checkpoints will be accepted in a later release — export them first")
+                   help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or a jaxalign "
+                        "checkpoint folder (output_dir/checkpoint-N; its tokenizer is output_dir/tokenizer)")
     p.add_argument("--prompt", help="one user message to answer")
     p.add_argument("--system", help="system message placed before --prompt")
     p.add_argument("--input_file", help="JSONL rows in ms-swift format ('messages', or 'query' [+ 'system', "
@@ -65,14 +65,15 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
-    from jaxalign.convert import load_hf_model
     from jaxalign.data.template import ChatRenderer
     from jaxalign.parallel import make_mesh
     from jaxalign.rollout import default_stop_token_ids, generate
 
+    from jaxalign.trainers.checkpoint_model import is_checkpoint, load_any_model
+
     mesh = make_mesh(args.mesh) if args.mesh else None
-    tokenizer = _load_tokenizer(args.model)
-    model = load_hf_model(args.model, dtype=args.dtype, mesh=mesh)
+    tokenizer = _load_tokenizer(Path(args.model).parent / "tokenizer" if is_checkpoint(args.model) else args.model)
+    model = load_any_model(args.model, dtype=args.dtype, mesh=mesh)
     config = model.config
     sampling = sampling_settings(args, config.generation_config or {})
     _check_sampling(sampling)
