@@ -215,7 +215,7 @@ def test_build_reward_funcs_from_options():
 
 
 def test_unknown_and_duplicate_names():
-    with pytest.raises(ConfigError, match="unknown reward function 'acuracy'.*accuracy, cosine, format"):
+    with pytest.raises(ConfigError, match="unknown reward function 'acuracy'.*accuracy, cosine, exact_match, format"):
         build_reward_funcs(["acuracy"], {})
     with pytest.raises(ConfigError, match="listed twice"):
         build_reward_funcs(["format", "format"], {})
@@ -335,3 +335,12 @@ def test_score_completions_wrong_count_and_values():
     # numpy output is fine
     total, _ = score_completions([("np", lambda c, **k: np.array([1, 2, 3], dtype=np.int64))], None, completions, {})
     np.testing.assert_allclose(total, [1.0, 2.0, 3.0])
+
+
+def test_exact_match_reward():
+    from jaxalign.rewards.exact_match import exact_match_reward
+
+    got = exact_match_reward(["357", " 357 ", "<answer>357</answer>", "358", "3570", "357<|im_end|>"], solution=["357"] * 6)
+    assert got == [1.0, 1.0, 1.0, 0.0, 0.0, 1.0]
+    with pytest.raises(JaxalignError, match="solution"):
+        exact_match_reward(["1"])

@@ -20,6 +20,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxalign.parallel.rules import param_shardings
 
 
+def _global_norm(tree) -> jax.Array:
+    tree_ops = getattr(optax, "tree", None)
+    if tree_ops is not None and hasattr(tree_ops, "norm"):
+        return tree_ops.norm(tree)
+    return optax.global_norm(tree)
+
+
 @struct.dataclass
 class TrainState:
     step: jax.Array
@@ -135,7 +142,7 @@ def build_train_step(
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics)
         metrics["loss"] = loss
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = _global_norm(grads)
         metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
