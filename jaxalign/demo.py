@@ -108,7 +108,7 @@ def rm_scores(rm_path: Path, tokenizer, rows, completions) -> float:
     return float(sum(reward(completions, prompt_ids=prompts, completion_ids=comps)) / len(rows))
 
 
-def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_match_before):
+def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_match_before, options=None):
     """GRPO (exact-match reward) or PPO (the demo's reward model) from the SFT model."""
     from jaxalign.config import resolve
     from jaxalign.evaluation import exact_match_accuracy, greedy_completions
@@ -125,7 +125,7 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_mat
     else:
         extra = {"reward_model": str(out / "rm"), "per_device_train_batch_size": 32, "learning_rate": 1e-5,
                  "num_ppo_epochs": 2, "kl_coef": 0.05, "num_sample_generations": 4, "missing_eos_penalty": 1.0}
-    cfg = resolve("rlhf", None, {**common, **extra})
+    cfg = resolve("rlhf", None, {**common, **extra, **(options or {})})
     tok = load_tokenizer(out / "sft")
     result: dict[str, Any] = {"steps": steps}
     if kind == "ppo":
@@ -153,7 +153,7 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_mat
     return result
 
 
-def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 400, dpo_steps: int = 100, rm_steps: int = 100,
+def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 800, dpo_steps: int = 100, rm_steps: int = 200,
              grpo_steps: int = 40, ppo_steps: int = 20, seed: int = 0, heldout: int = 200) -> dict:
     """Run every demo stage; return (and write) the summary."""
     from jaxalign.config import resolve
@@ -179,7 +179,7 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 400, dpo_steps
     acc_before, _ = exact_match_accuracy(base_model, tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
     cfg = resolve("sft", None, {
         "model": str(out / "base"), "dataset": train_file, "val_dataset": heldout_file,
-        "output_dir": str(out / "sft"), "max_steps": sft_steps, "learning_rate": 2e-3, "seed": seed,
+        "output_dir": str(out / "sft"), "max_steps": sft_steps, "learning_rate": 3e-3, "seed": seed,
         **stage_options(eval_steps=max(sft_steps // 4, 1)),
     })
     t0 = time.time()
@@ -218,7 +218,7 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 400, dpo_steps
     # Stage 3: a reward model on the same pairs
     print(f"jaxalign demo: reward model for {rm_steps} steps on the same pairs")
     summary["rm"] = preference_stage(
-        "rm", out, pair_file, pair_heldout_file, heldout_rows, rm_steps, seed, {"learning_rate": 5e-4},
+        "rm", out, pair_file, pair_heldout_file, heldout_rows, rm_steps, seed, {"learning_rate": 2e-3},
     )
 
     # Stages 4 and 5: online RL from the SFT model

@@ -12,9 +12,9 @@ HELP = "run the whole pipeline on an embedded tiny model and task (a few minutes
 def register(sub) -> None:
     p = sub.add_parser(NAME, help=HELP, description=HELP)
     p.add_argument("--output_dir", default="demo_output", help="where the demo writes (default demo_output)")
-    p.add_argument("--sft_steps", type=int, default=400, help="SFT steps (default 400)")
+    p.add_argument("--sft_steps", type=int, default=800, help="SFT steps (default 800)")
     p.add_argument("--dpo_steps", type=int, default=100, help="DPO steps (default 100)")
-    p.add_argument("--rm_steps", type=int, default=100, help="reward-model steps (default 100)")
+    p.add_argument("--rm_steps", type=int, default=200, help="reward-model steps (default 200)")
     p.add_argument("--grpo_steps", type=int, default=40, help="GRPO steps (default 40)")
     p.add_argument("--ppo_steps", type=int, default=20, help="PPO updates (default 20)")
     p.add_argument("--seed", type=int, default=0, help="seed for data and weights (default 0)")
