@@ -121,7 +121,7 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_mat
     }
     if kind == "grpo":
         extra = {"reward_funcs": "exact_match", "num_generations": 8, "per_device_train_batch_size": 64,
-                 "learning_rate": 2e-5, "beta": 0.04}
+                 "learning_rate": 5e-5, "beta": 0.04}
     else:
         extra = {"reward_model": str(out / "rm"), "per_device_train_batch_size": 32, "learning_rate": 1e-5,
                  "num_ppo_epochs": 2, "kl_coef": 0.05, "num_sample_generations": 4, "missing_eos_penalty": 1.0}
