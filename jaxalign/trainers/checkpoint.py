@@ -104,3 +104,27 @@ def restore_state(path: str | Path, abstract_state: Any) -> Any:
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{path}: checkpoint does not match this model/optimizer ({str(e).splitlines()[0]})") from None
     return out["state"]
+
+
+def write_run_files(output_dir: str | Path, tokenizer, cfg) -> None:
+    """The files a run keeps beside its checkpoints: the tokenizer (for export) and args.json."""
+    import json
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+        (out / "args.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+
+
+def run_meta(step: int, batches, cfg, model_config, algorithm: str, **extra) -> dict:
+    """A checkpoint's JSON: step, data position, options and the model config needed to export it."""
+    return {
+        "step": step,
+        "data_state": batches.state(),
+        "config": cfg.to_dict(),
+        "model_config": model_config.to_hf_dict(),
+        "generation_config": model_config.generation_config,
+        "algorithm": algorithm,
+        **extra,
+    }

@@ -22,7 +22,14 @@ import numpy as np
 from jaxalign.config import DEFAULT_BETA
 from jaxalign.errors import ConfigError
 from jaxalign.losses import group_advantages
-from jaxalign.trainers.checkpoint import CheckpointWriter, read_meta, resolve_resume, restore_state
+from jaxalign.trainers.checkpoint import (
+    CheckpointWriter,
+    read_meta,
+    resolve_resume,
+    restore_state,
+    run_meta,
+    write_run_files,
+)
 from jaxalign.trainers.grpo_step import GRPOUpdate
 from jaxalign.trainers.logging import MetricsLogger
 from jaxalign.trainers.loop import TrainingDiverged, stack_micro_batches
@@ -243,18 +250,11 @@ class GRPOTrainer:
         return [{k: v[i * n : (i + 1) * n] for k, v in arrays.items()} for i in range(self.steps_per_generation)]
 
     def _meta(self, step):
-        return {
-            "step": step, "data_state": self.batches.state(), "generation": self.generation,
-            "config": self.cfg.to_dict(), "model_config": self.model_config.to_hf_dict(),
-            "generation_config": self.model_config.generation_config, "algorithm": "grpo",
-        }
+        return run_meta(step, self.batches, self.cfg, self.model_config, "grpo", generation=self.generation)
 
     def train(self) -> list[dict]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            self.tokenizer.save_pretrained(str(self.out / "tokenizer"))
-            (self.out / "args.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        write_run_files(self.out, self.tokenizer, cfg)
         step = 0
         if cfg.resume_from_checkpoint:
             path = resolve_resume(cfg.resume_from_checkpoint, self.out)

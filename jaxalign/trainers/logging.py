@@ -63,18 +63,18 @@ class MetricsLogger:
 
 
 def _plain(v):
+    """A JSON-ready value: ints stay ints, numbers become floats, NaN/inf become strings."""
+    if isinstance(v, (bool, int)):
+        return v
     try:
         f = float(v)
     except (TypeError, ValueError):
-        return v
-    if isinstance(v, (bool, int)) and not isinstance(v, bool):
         return v
     return f if math.isfinite(f) else str(f)
 
 
 def _tensorboard_writer(path: Path):
     try:
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter  # noqa: F401
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         try:

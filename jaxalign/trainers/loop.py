@@ -7,19 +7,23 @@ An algorithm object provides ``task`` (the data task, e.g. "sft" or "dpo"), ``lo
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.data.batching import BatchIterator, make_buckets
 from jaxalign.errors import ConfigError, JaxalignError
-from jaxalign.trainers.checkpoint import CheckpointWriter, read_meta, resolve_resume, restore_state
+from jaxalign.trainers.checkpoint import (
+    CheckpointWriter,
+    read_meta,
+    resolve_resume,
+    restore_state,
+    run_meta,
+    write_run_files,
+)
 from jaxalign.trainers.logging import MetricsLogger
 from jaxalign.trainers.optim import build_optimizer
 from jaxalign.trainers.step import (
@@ -157,24 +161,14 @@ class Trainer:
         return int(meta["step"])
 
     def _meta(self, step: int) -> dict:
-        return {
-            "step": step,
-            "data_state": self.batches.state(),
-            "config": {k: v for k, v in self.cfg.to_dict().items()},
-            "model_config": self.model_config.to_hf_dict(),
-            "generation_config": self.model_config.generation_config,
-            "algorithm": self.algo.task,
-        }
+        return run_meta(step, self.batches, self.cfg, self.model_config, self.algo.task)
 
     def _next_step_batch(self) -> dict:
         return stack_micro_batches([next(self.batches) for _ in range(self.accum)], self.pad_id)
 
     def train(self) -> list[dict]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if jax.process_index() == 0:
-            self.tokenizer.save_pretrained(str(self.out / "tokenizer"))
-            (self.out / "args.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        write_run_files(self.out, self.tokenizer, cfg)
         start = self.resume(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else 0
         logger = MetricsLogger(self.out, self.total_steps, report_to=cfg.report_to, initial_step=start)
         writer = CheckpointWriter(self.out, cfg.save_total_limit)

@@ -22,7 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxalign.trainers.checkpoint import CheckpointWriter, read_meta, resolve_resume, restore_state
+from jaxalign.trainers.checkpoint import (
+    CheckpointWriter,
+    read_meta,
+    resolve_resume,
+    restore_state,
+    run_meta,
+    write_run_files,
+)
 from jaxalign.trainers.logging import MetricsLogger
 from jaxalign.trainers.loop import TrainingDiverged, stack_micro_batches
 from jaxalign.trainers.optim import build_optimizer
@@ -223,18 +230,12 @@ class PPOTrainer:
         return jax.jit(lambda rm_params, ids, mask: nnx.merge(rm_graphdef, rm_params).scores(ids, mask))
 
     def _meta(self, step):
-        return {
-            "step": step, "data_state": self.batches.state(), "generation": self.generation,
-            "config": self.cfg.to_dict(), "model_config": self.model_config.to_hf_dict(),
-            "generation_config": self.model_config.generation_config, "algorithm": "ppo",
-        }
+        return run_meta(step, self.batches, self.cfg, self.model_config, "ppo", generation=self.generation)
 
     def train(self) -> list[dict]:
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
+        write_run_files(self.out, self.tokenizer, cfg)
         if jax.process_index() == 0:
-            self.tokenizer.save_pretrained(str(self.out / "tokenizer"))
-            (self.out / "args.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
             print("jaxalign: parameter memory (MiB) " + json.dumps({k: round(v / 2**20, 2) for k, v in self.memory.items()}))
         step = 0
         if cfg.resume_from_checkpoint:
