@@ -186,8 +186,9 @@ def test_first_step_loss_matches_formula_then_learns(env, case):
 
 def test_precomputed_reference_gives_same_first_loss(env):
     """Same config as the dpo_sigmoid case (which computed the reference in the step)."""
-    if "dpo_sigmoid_loss" not in env:
-        pytest.skip("needs test_first_step_loss_matches_formula_then_learns[dpo_sigmoid]")
+    if "dpo_sigmoid_loss" not in env:  # run on its own: compute the on-the-fly reference loss here
+        _, _, fly = _first_step(env, **dict(CASES["dpo_sigmoid"][0], ref_model=str(env["root"] / "ref")), **LEARN)
+        env["dpo_sigmoid_loss"] = fly["loss"]
     flags = dict(CASES["dpo_sigmoid"][0], ref_model=str(env["root"] / "ref"), precompute_ref_log_probs=True)
     tr, batch, pre = _first_step(env, **flags, **LEARN)
     assert "ref_chosen_logps" in batch and tr.algo.extra() is None  # no reference params kept

@@ -22,6 +22,20 @@ def load_tokenizer(folder: str | Path):
     raise CheckpointError(f"{p}: no tokenizer files (tokenizer.json / tokenizer_config.json); save the tokenizer with the model")
 
 
+def load_data(cfg, task: str, tokenizer, *, quiet: bool = False):
+    """The run's train/val examples for ``task``, as the data options say; logs the drop counts."""
+    from jaxalign.data import prepare_data
+
+    data = prepare_data(
+        cfg.dataset, task, tokenizer, val_dataset=cfg.val_dataset, split_dataset_ratio=cfg.split_dataset_ratio,
+        data_seed=cfg.data_seed, template=cfg.template, max_length=cfg.max_length,
+        truncation_strategy=cfg.truncation_strategy, loss_scale=cfg.loss_scale, ignore_bad_rows=cfg.ignore_bad_rows,
+    )
+    if not quiet:
+        print("jaxalign: data " + json.dumps(data.stats))
+    return data
+
+
 def check_output_dir(cfg) -> None:
     """Refuse to train into a folder holding someone's model unless resuming a run there."""
     out = Path(cfg.output_dir)
@@ -53,7 +67,6 @@ def run_mesh(spec):
 
 def build_trainer(cfg, algorithm, *, quiet: bool = False):
     """Mesh, tokenizer, model and data as ``cfg`` says, wrapped in a ready Trainer."""
-    from jaxalign.data import prepare_data
     from jaxalign.parallel import initialize_distributed
     from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.loop import Trainer
@@ -67,21 +80,7 @@ def build_trainer(cfg, algorithm, *, quiet: bool = False):
     mesh = run_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg.model)
     # Data before the model: a bad row is reported before a (possibly large) model is loaded.
-    data = prepare_data(
-        cfg.dataset,
-        algorithm.task,
-        tokenizer,
-        val_dataset=cfg.val_dataset,
-        split_dataset_ratio=cfg.split_dataset_ratio,
-        data_seed=cfg.data_seed,
-        template=cfg.template,
-        max_length=cfg.max_length,
-        truncation_strategy=cfg.truncation_strategy,
-        loss_scale=cfg.loss_scale,
-        ignore_bad_rows=cfg.ignore_bad_rows,
-    )
-    if not quiet:
-        print("jaxalign: data " + json.dumps(data.stats))
+    data = load_data(cfg, algorithm.task, tokenizer, quiet=quiet)
     model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
     if hasattr(algorithm, "wrap_model"):  # e.g. rm: backbone + value head
         model = algorithm.wrap_model(model, mesh)
@@ -115,7 +114,6 @@ def run_offline(cfg, algorithm, *, quiet: bool = False):
 
 def build_grpo_trainer(cfg, *, quiet: bool = False):
     """Policy, prompts and reward functions for GRPO, wrapped in a ready GRPOTrainer."""
-    from jaxalign.data import prepare_data
     from jaxalign.parallel import initialize_distributed
     from jaxalign.rewards import build_reward_funcs
     from jaxalign.trainers.checkpoint_model import load_any_model
@@ -141,20 +139,13 @@ def build_grpo_trainer(cfg, *, quiet: bool = False):
     weights = [float(w) for w in split_names(cfg.reward_weights)] or [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise ConfigError(f"--reward_weights has {len(weights)} values for {len(funcs)} reward functions; give one each")
-    data = prepare_data(
-        cfg.dataset, "grpo", tokenizer, val_dataset=cfg.val_dataset, split_dataset_ratio=cfg.split_dataset_ratio,
-        data_seed=cfg.data_seed, template=cfg.template, max_length=cfg.max_length,
-        truncation_strategy=cfg.truncation_strategy, loss_scale=cfg.loss_scale, ignore_bad_rows=cfg.ignore_bad_rows,
-    )
-    if not quiet:
-        print("jaxalign: data " + json.dumps(data.stats))
+    data = load_data(cfg, "grpo", tokenizer, quiet=quiet)
     return GRPOTrainer(cfg, model, tokenizer, data, mesh, funcs, weights)
 
 
 def build_ppo_trainer(cfg, *, quiet: bool = False):
     """Policy, reference, reward and value models plus prompts, wrapped in a ready PPOTrainer."""
     from jaxalign.convert.value_head_io import load_reward_model
-    from jaxalign.data import prepare_data
     from jaxalign.parallel import initialize_distributed
     from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.ppo import PPOTrainer
@@ -177,11 +168,5 @@ def build_ppo_trainer(cfg, *, quiet: bool = False):
                 f"{name}: vocabulary of {m.config.vocab_size} tokens differs from the policy's {policy.config.vocab_size}; "
                 "PPO needs models that share the tokenizer"
             )
-    data = prepare_data(
-        cfg.dataset, "ppo", tokenizer, val_dataset=cfg.val_dataset, split_dataset_ratio=cfg.split_dataset_ratio,
-        data_seed=cfg.data_seed, template=cfg.template, max_length=cfg.max_length,
-        truncation_strategy=cfg.truncation_strategy, loss_scale=cfg.loss_scale, ignore_bad_rows=cfg.ignore_bad_rows,
-    )
-    if not quiet:
-        print("jaxalign: data " + json.dumps(data.stats))
+    data = load_data(cfg, "ppo", tokenizer, quiet=quiet)
     return PPOTrainer(cfg, policy, ref, reward, value, tokenizer, data, mesh)
