@@ -242,6 +242,9 @@ CONFIG_EXPECT = {
     "orpo": dict(beta=0.1),
     "simpo": dict(beta=2.0, simpo_gamma=1.0, cpo_alpha=1.0),
     "rm": dict(),
+    "grpo": dict(beta=0.04, num_generations=8, epsilon=0.2, loss_type="grpo", scale_rewards="group",
+                 importance_sampling_level="token", num_iterations=1, temperature=0.9, max_completion_length=512),
+    "ppo": dict(num_ppo_epochs=4, kl_coef=0.05, cliprange=0.2, vf_coef=0.1, gamma=1.0, lam=0.95, temperature=0.9),
 }
 
 
