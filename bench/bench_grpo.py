@@ -15,7 +15,13 @@ the algorithm.
 
 Needs TRL, which is not a jaxalign dependency:  pip install trl
 
+Speed at a larger size: --random_size 512,8 builds a random-weight Llama instead (hidden 512, 8 layers,
+8/4 heads, MLP 1376, the demo's character vocabulary, untied head; ~23M parameters) and uses the demo's
+prompts. Its rewards are all 0, so only the seconds per step mean anything; every completion runs to
+--max_completion_length on both sides, since a random model seldom emits EOS.
+
 Run by hand:  python bench/bench_grpo.py [--steps 100] [--learning_rate 2e-4] [--model SFT_DIR --dataset prompts.jsonl]
+              python bench/bench_grpo.py --random_size 512,8 --steps 10 --max_completion_length 64
 Check the script quickly (SFT 60 steps, 6 GRPO steps):  python bench/bench_grpo.py --quick
 """
 
@@ -36,6 +42,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="an SFT Hugging Face folder (default: train the demo's SFT model here)")
     ap.add_argument("--dataset", help="prompt rows with a `solution` column (default: the demo's prompts)")
+    ap.add_argument("--random_size", help="hidden,layers: time a random-weight Llama of this size instead")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--window", type=int, default=25)
     ap.add_argument("--learning_rate", type=float, default=2e-4)
@@ -52,6 +59,23 @@ def demo_sft(folder: Path, sft_steps: int) -> tuple[Path, Path]:
 
     run_demo(str(folder), sft_steps=sft_steps, dpo_steps=1, rm_steps=1, grpo_steps=1, ppo_steps=1)
     return folder / "sft", folder / "data" / "prompts_train.jsonl"
+
+
+def random_model_folder(folder: Path, size: str) -> tuple[Path, Path]:
+    """A random-weight Llama of ``hidden,layers`` with the demo's tokenizer, and the demo's prompts."""
+    from jaxalign.convert import save_hf_model
+    from jaxalign.data import build_char_tokenizer, make_prompt_rows
+    from jaxalign.models.factory import llama_config, random_model
+
+    hidden, layers = (int(v) for v in size.split(","))
+    tok = build_char_tokenizer()
+    cfg = llama_config(len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=8,
+                       num_key_value_heads=4, intermediate_size=int(hidden * 2.6875), max_position_embeddings=256,
+                       tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    save_hf_model(random_model(cfg, seed=0), folder / "model", tokenizer=tok)
+    prompts = folder / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in make_prompt_rows(2000, seed=3, digits=(1, 2))))
+    return folder / "model", prompts
 
 
 def windows(values: list[float], size: int) -> list[float]:
@@ -135,13 +159,15 @@ def main(argv=None) -> int:
     if args.quick:
         args.steps, args.window = 6, 3
     os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
-    try:
-        import trl  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
         print("bench_grpo: TRL is not installed (pip install trl)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
-    if args.model:
+    if args.random_size:
+        model, dataset = random_model_folder(work, args.random_size)
+    elif args.model:
         model, dataset = Path(args.model), Path(args.dataset or "")
         if not dataset.is_file():
             print("bench_grpo: --model needs --dataset (prompt rows with a solution column)", file=sys.stderr)
