@@ -15,19 +15,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.losses import grpo_loss
-from jaxalign.trainers.logprobs import token_entropy, token_logps
+from jaxalign.trainers import logprobs
 
 
 def completion_logps(model, micro, prompt_len: int, temperature: float):
-    """(per-token log-probs [B, C], per-token entropies [B, C]) of the completion part.
-
-    Greedy sampling (temperature 0) records log-probs at temperature 1, as the sampler does.
-    """
-    temperature = temperature if temperature > 0 else 1.0
-    logits = model(micro["input_ids"], micro["attention_mask"])
-    lp = token_logps(logits, micro["input_ids"], temperature=temperature)[:, prompt_len:]
-    ent = token_entropy(logits / temperature)[:, prompt_len:]
-    return lp, ent
+    """(per-token log-probs [B, C], per-token entropies [B, C]) of a micro-batch's completions."""
+    return logprobs.completion_logps(model, micro["input_ids"], micro["attention_mask"], prompt_len, temperature)
 
 
 @dataclasses.dataclass

@@ -40,3 +40,20 @@ def mean_logits_on_labels(logits: jax.Array, loss_mask: jax.Array) -> jax.Array:
     mask = loss_mask[:, 1:].astype(jnp.float32)
     per_pos = jnp.mean(logits[:, :-1].astype(jnp.float32), axis=-1)
     return jnp.sum(per_pos * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+
+
+def completion_logps(model, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: int,
+                     temperature: float) -> tuple[jax.Array, jax.Array]:
+    """(log-probs [B, C], entropies [B, C]) of the tokens from ``prompt_len`` on, at ``temperature``.
+
+    Only the C positions that predict those tokens go through the LM head (TRL's ``logits_to_keep``):
+    with a large vocabulary and a long prompt, projecting the prompt's positions would be most of
+    the work. Greedy sampling (temperature 0) records log-probs at temperature 1, as the sampler does.
+    """
+    temperature = temperature if temperature > 0 else 1.0
+    hidden, _ = model.hidden_states(input_ids, attention_mask)
+    logits = model.logits(hidden[:, prompt_len - 1 : -1]).astype(jnp.float32) / temperature
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, input_ids[:, prompt_len:, None], axis=-1)[..., 0]
+    logp = logits - log_z[..., None]
+    return picked - log_z, -jnp.sum(jnp.exp(logp) * logp, axis=-1)

@@ -16,7 +16,7 @@ from flax import nnx
 from jaxalign.losses import compute_gae, kl_penalty_rewards, masked_mean, ppo_policy_loss, ppo_value_loss, whiten
 from jaxalign.models.decoder import Decoder
 from jaxalign.models.value_head import RewardModel
-from jaxalign.trainers.logprobs import token_entropy, token_logps
+from jaxalign.trainers.logprobs import completion_logps
 
 
 class PolicyAndValue(nnx.Module):
@@ -40,14 +40,6 @@ class PolicyAndValue(nnx.Module):
         self.value.remat = bool(flag)
 
 
-def response_logps(policy, ids, mask, prompt_len: int, temperature: float):
-    """(log-probs [B, C], entropies [B, C]) of the response tokens under ``policy`` at ``temperature``."""
-    logits = policy(ids, mask)
-    lp = token_logps(logits, ids, temperature=temperature)[:, prompt_len:]
-    ent = token_entropy(logits / temperature)[:, prompt_len:]
-    return lp, ent
-
-
 def response_values(value_model: RewardModel, ids, mask, prompt_len: int):
     """The value before each response token: [B, C]."""
     return value_model.values(ids, mask)[:, prompt_len - 1 : -1]
@@ -57,8 +49,8 @@ def rollout_forward(models: PolicyAndValue, ref_policy: Decoder, reward_model: R
                     prompt_len: int, temperature: float):
     """Everything PPO needs from the sampled sequences, with no gradient:
     policy and reference log-probs, values, and reward-model scores (at each row's last real token)."""
-    logps, _ = response_logps(models.policy, ids, mask, prompt_len, temperature)
-    ref_logps, _ = response_logps(ref_policy, ids, mask, prompt_len, temperature)
+    logps, _ = completion_logps(models.policy, ids, mask, prompt_len, temperature)
+    ref_logps, _ = completion_logps(ref_policy, ids, mask, prompt_len, temperature)
     values = response_values(models.value, ids, mask, prompt_len)
     scores = reward_model.scores(ids, mask)
     return jax.lax.stop_gradient((logps, ref_logps, values, scores))
@@ -95,7 +87,7 @@ class PPOUpdate:
         ids, mask = micro["query_responses"], micro["attention_mask"]
         prompt_len = ids.shape[1] - micro["response_mask"].shape[1]
         rmask = micro["response_mask"].astype(jnp.float32)
-        logps, ent = response_logps(models.policy, ids, mask, prompt_len, self.temperature)
+        logps, ent = completion_logps(models.policy, ids, mask, prompt_len, self.temperature)
         vpred = response_values(models.value, ids, mask, prompt_len)
         pg_loss, pg_clipfrac, approx_kl = ppo_policy_loss(
             logps, micro["logps"], micro["advantages"], rmask, cliprange=self.cliprange
