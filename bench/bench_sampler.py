@@ -13,19 +13,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import cpu_model  # bench/machine.py (the script's folder is on sys.path)
 
 
 def main() -> None:

@@ -65,9 +65,18 @@ def run_mesh(spec):
     return make_mesh(spec, devices=devices)
 
 
+def start_run(cfg):
+    """What every training run does first, after checking its options: refuse a used --output_dir,
+    join the other hosts, build the mesh and load the tokenizer. Returns (mesh, tokenizer)."""
+    from jaxalign.parallel import initialize_distributed
+
+    check_output_dir(cfg)
+    initialize_distributed()
+    return run_mesh(cfg.mesh), load_tokenizer(cfg.model)
+
+
 def build_trainer(cfg, algorithm, *, quiet: bool = False):
     """Mesh, tokenizer, model and data as ``cfg`` says, wrapped in a ready Trainer."""
-    from jaxalign.parallel import initialize_distributed
     from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.loop import Trainer
 
@@ -75,10 +84,7 @@ def build_trainer(cfg, algorithm, *, quiet: bool = False):
         raise ConfigError("--model is required: a Hugging Face model folder")
     if not cfg.dataset:
         raise ConfigError("--dataset is required: a .jsonl/.json/.csv/.parquet file or a saved dataset folder")
-    check_output_dir(cfg)
-    initialize_distributed()
-    mesh = run_mesh(cfg.mesh)
-    tokenizer = load_tokenizer(cfg.model)
+    mesh, tokenizer = start_run(cfg)
     # Data before the model: a bad row is reported before a (possibly large) model is loaded.
     data = load_data(cfg, algorithm.task, tokenizer, quiet=quiet)
     model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
@@ -114,7 +120,6 @@ def run_offline(cfg, algorithm, *, quiet: bool = False):
 
 def build_grpo_trainer(cfg, *, quiet: bool = False):
     """Policy, prompts and reward functions for GRPO, wrapped in a ready GRPOTrainer."""
-    from jaxalign.parallel import initialize_distributed
     from jaxalign.rewards import build_reward_funcs
     from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.grpo import GRPOTrainer, split_names
@@ -125,10 +130,7 @@ def build_grpo_trainer(cfg, *, quiet: bool = False):
     if not names and not cfg.reward_model:
         raise ConfigError("--reward_funcs: GRPO needs at least one reward function (accuracy, format, cosine, "
                           "repetition, soft_overlong, a plugin's) or --reward_model")
-    check_output_dir(cfg)
-    initialize_distributed()
-    mesh = run_mesh(cfg.mesh)
-    tokenizer = load_tokenizer(cfg.model)
+    mesh, tokenizer = start_run(cfg)
     model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
     options = {k: cfg[k] for k in cfg.keys()}
     funcs = build_reward_funcs(names, options, split_names(cfg.external_plugins))
@@ -146,7 +148,6 @@ def build_grpo_trainer(cfg, *, quiet: bool = False):
 def build_ppo_trainer(cfg, *, quiet: bool = False):
     """Policy, reference, reward and value models plus prompts, wrapped in a ready PPOTrainer."""
     from jaxalign.convert.value_head_io import load_reward_model
-    from jaxalign.parallel import initialize_distributed
     from jaxalign.trainers.checkpoint_model import load_any_model
     from jaxalign.trainers.ppo import PPOTrainer
 
@@ -154,10 +155,7 @@ def build_ppo_trainer(cfg, *, quiet: bool = False):
         raise ConfigError("--model and --dataset are required for PPO (prompt-only messages)")
     if not cfg.reward_model:
         raise ConfigError("--reward_model is required for PPO: a reward-model export (backbone + value_head.safetensors)")
-    check_output_dir(cfg)
-    initialize_distributed()
-    mesh = run_mesh(cfg.mesh)
-    tokenizer = load_tokenizer(cfg.model)
+    mesh, tokenizer = start_run(cfg)
     policy = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
     ref = load_any_model(cfg.ref_model or cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
     reward = load_reward_model(cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh)
