@@ -6,7 +6,9 @@ from jaxalign.data import normalize_rows
 from jaxalign.data.rows import Row
 from jaxalign.data.synthetic import (
     addition_problems,
+    carries,
     exact_match,
+    forgot_carry,
     make_addition_rows,
     make_kto_rows,
     make_preference_rows,
@@ -27,6 +29,41 @@ def test_addition_rows_are_deterministic_and_correct():
         assert 2 <= len(a) <= 4 and 2 <= len(b) <= 4 and not a.startswith("0")
         assert assistant["content"] == row["solution"] == str(int(a) + int(b))
     assert len({r["messages"][0]["content"] for r in rows}) == 50
+
+
+def test_forgot_carry_by_hand():
+    assert carries("47+38=") and forgot_carry("47+38=") == "75"  # 85 with the units carry forgotten
+    assert carries("7+8=") and forgot_carry("7+8=") == "5"  # 15
+    assert carries("67+58=") and forgot_carry("67+58=") == "115"  # 125: only the units carry is lost
+    assert carries("95+7=") and forgot_carry("95+7=") == "92"  # 102
+    assert carries("5+5=") and forgot_carry("5+5=") == "0"  # 10
+    assert not carries("41+38=") and forgot_carry("41+38=") == "79"
+    assert not carries("0+0=") and forgot_carry("0+0=") == "0"
+
+
+def test_sloppy_teacher_forgets_the_carry_at_its_rate():
+    clean = make_addition_rows(4000, seed=1, digits=(1, 2))
+    sloppy = make_addition_rows(4000, seed=1, digits=(1, 2), carry_slip=0.7)
+    assert sloppy == make_addition_rows(4000, seed=1, digits=(1, 2), carry_slip=0.7)
+    assert [r["solution"] for r in sloppy] == [r["solution"] for r in clean]  # same problems, true solutions
+    n_carry = n_slip = 0
+    for row in sloppy:
+        a, b = map(int, row["messages"][0]["content"].rstrip("=").split("+"))
+        said = int(row["messages"][1]["content"])
+        if a % 10 + b % 10 < 10:
+            assert said == a + b  # no carry, nothing to forget
+            continue
+        n_carry += 1
+        assert said in (a + b, a + b - 10)
+        n_slip += said == a + b - 10
+    # Binomial(n_carry, 0.7): 5 standard deviations either side.
+    sd = (n_carry * 0.7 * 0.3) ** 0.5
+    assert n_carry > 1000 and abs(n_slip - 0.7 * n_carry) < 5 * sd
+    assert all(r["messages"][1]["content"] == r["solution"] for r in make_addition_rows(300, seed=1, carry_slip=0.0))
+    assert all(r["messages"][1]["content"] == str(int(r["solution"]) - 10) for r in
+               make_addition_rows(300, seed=1, carry_slip=1.0) if carries(r["messages"][0]["content"]))
+    with pytest.raises(ConfigError, match="carry_slip"):
+        make_addition_rows(3, seed=1, carry_slip=1.5)
 
 
 def test_exclude_and_digits_limits():

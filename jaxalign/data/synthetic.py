@@ -2,7 +2,9 @@
 
 Rows come in ms-swift's formats (``messages`` plus a ``solution`` column; preference rows add
 ``rejected_response``, a near miss one digit off; KTO rows a boolean ``label``) and are a
-pure function of the seed.
+pure function of the seed. SFT rows can come from a sloppy teacher (``carry_slip``) that forgets
+the carry out of the units column, so that the SFT model learns a systematic error that a
+verifiable reward can correct.
 """
 
 from __future__ import annotations
@@ -59,6 +61,24 @@ def near_miss(answer: str, rng: random.Random) -> str:
     return answer[:pos] + rng.choice(choices) + answer[pos + 1 :]
 
 
+def operands(prompt: str) -> tuple[int, int]:
+    """``"47+38="`` -> ``(47, 38)``."""
+    a, b = prompt.rstrip("=").split("+")
+    return int(a), int(b)
+
+
+def carries(prompt: str) -> bool:
+    """True when the units column of ``a+b`` carries (``47+38``: 7 + 8 >= 10)."""
+    a, b = operands(prompt)
+    return a % 10 + b % 10 >= 10
+
+
+def forgot_carry(prompt: str) -> str:
+    """The answer with the units carry forgotten: ``"47+38="`` -> ``"75"``, ``"7+8="`` -> ``"5"``."""
+    a, b = operands(prompt)
+    return str(a + b - 10 if carries(prompt) else a + b)
+
+
 def _conversation(prompt: str, answer: str | None, system: str | None) -> list[dict[str, str]]:
     msgs = [{"role": "system", "content": system}] if system else []
     msgs.append({"role": "user", "content": prompt})
@@ -68,13 +88,23 @@ def _conversation(prompt: str, answer: str | None, system: str | None) -> list[d
 
 
 def make_addition_rows(
-    n: int, *, seed: int, digits: Digits = (1, 3), exclude: Iterable[str] = (), system: str | None = None
+    n: int, *, seed: int, digits: Digits = (1, 3), exclude: Iterable[str] = (), system: str | None = None,
+    carry_slip: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """SFT rows: ``{"messages": [user "a+b=", assistant "sum"], "solution": "sum"}``."""
-    return [
-        {"messages": _conversation(p, a, system), "solution": a}
-        for p, a in addition_problems(n, seed=seed, digits=digits, exclude=exclude)
-    ]
+    """SFT rows: ``{"messages": [user "a+b=", assistant "sum"], "solution": "sum"}``.
+
+    With ``carry_slip`` > 0 the assistant turn comes from a sloppy teacher: on each sum whose units
+    column carries, it writes :func:`forgot_carry`'s answer with that probability ("47+38=" -> "75");
+    ``solution`` stays the true sum.
+    """
+    if not 0.0 <= carry_slip <= 1.0:
+        raise ConfigError(f"carry_slip {carry_slip!r}: give a probability between 0 and 1")
+    rng = random.Random(seed + 3_000_003)
+    rows = []
+    for p, a in addition_problems(n, seed=seed, digits=digits, exclude=exclude):
+        said = forgot_carry(p) if carries(p) and rng.random() < carry_slip else a
+        rows.append({"messages": _conversation(p, said, system), "solution": a})
+    return rows
 
 
 def make_prompt_rows(
