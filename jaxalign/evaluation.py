@@ -29,11 +29,17 @@ def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[n
     return ids, mask
 
 
-def greedy_completions(model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy completions (decoded, special tokens dropped) in fixed-shape batches: one compilation."""
+def sampled_completions(
+    model, tokenizer, rows, *, max_new_tokens: int, temperature: float = 0.0, samples: int = 1, seed: int = 0,
+    batch_size: int = 64,
+) -> list[str]:
+    """``samples`` completions per row (row-major; decoded, special tokens dropped) in fixed-shape batches:
+    one compilation. ``temperature`` 0 is greedy."""
+    import jax
+
     from jaxalign.rollout import generate
 
-    prompts = render_prompts(tokenizer, rows)
+    prompts = [p for p in render_prompts(tokenizer, rows) for _ in range(samples)]
     length = max(len(p) for p in prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts: list[str] = []
@@ -42,11 +48,17 @@ def greedy_completions(model, tokenizer, rows, *, max_new_tokens: int, batch_siz
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - n)  # same shape for every batch
         ids, mask = left_pad(chunk, length, pad)
-        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=0.0, pad_token_id=pad)
+        out = generate(model, ids, mask, max_new_tokens=max_new_tokens, temperature=temperature, pad_token_id=pad,
+                       rng=jax.random.fold_in(jax.random.PRNGKey(seed), start))
         tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
         for i in range(n):
             texts.append(tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True))
     return texts
+
+
+def greedy_completions(model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 64) -> list[str]:
+    """One greedy completion per row."""
+    return sampled_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
 
 
 def exact_match_accuracy(model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 64) -> tuple[float, list[str]]:
@@ -56,3 +68,15 @@ def exact_match_accuracy(model, tokenizer, rows, *, max_new_tokens: int, batch_s
     texts = greedy_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
     hits = [exact_match(t, r["solution"]) for t, r in zip(texts, rows)]
     return float(np.mean(hits)) if hits else 0.0, texts
+
+
+def sampled_exact_match(
+    model, tokenizer, rows, *, max_new_tokens: int, samples: int, temperature: float, seed: int = 0
+) -> float:
+    """Mean exact match of ``samples`` sampled completions per row: the expected exact-match reward."""
+    from jaxalign.data.synthetic import exact_match
+
+    texts = sampled_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, temperature=temperature,
+                                samples=samples, seed=seed)
+    hits = [exact_match(t, rows[i // samples]["solution"]) for i, t in enumerate(texts)]
+    return float(np.mean(hits)) if hits else 0.0
