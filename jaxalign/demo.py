@@ -3,6 +3,11 @@
 No network and no files from outside: a character tokenizer and a tiny Llama are built here,
 the task is multi-digit addition ("12+345=" -> "357") whose answers are checked exactly, and
 each stage reports held-out exact-match accuracy before and after into ``summary.json``.
+
+The SFT rows come from a sloppy teacher that forgets the units carry on 70% of the sums that have
+one ("47+38=" -> "75"), as real demonstrations carry their author's systematic mistakes. SFT learns
+the mistake; the later stages see only correct signals (DPO's and the reward model's chosen answers,
+GRPO's exact-match reward, PPO's reward model) and are measured by how much of it they undo.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from jaxalign.errors import ConfigError
 
 DIGITS = (1, 2)
 MAX_NEW_TOKENS = 8
+TEACHER_CARRY_SLIP = 0.7  # the SFT teacher forgets the units carry on 70% of the sums that have one
+PROBE_PROMPTS = 200  # GRPO's expected reward is measured on this many of its training prompts
 
 
 def _write_jsonl(path: Path, rows) -> str:
@@ -35,6 +42,15 @@ def prepare_output_dir(out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps({"created": time.time()}))
+
+
+def carry_slips(rows, completions) -> float:
+    """Of the held-out sums whose units column carries, the fraction answered with the carry forgotten."""
+    from jaxalign.data.synthetic import carries, exact_match, forgot_carry
+
+    said = [(r, c) for r, c in zip(rows, completions) if carries(r["messages"][0]["content"])]
+    slips = [exact_match(c, forgot_carry(r["messages"][0]["content"])) for r, c in said]
+    return sum(slips) / len(slips) if slips else 0.0
 
 
 def build_base(out: Path, seed: int):
@@ -64,7 +80,7 @@ def stage_options(**overrides) -> dict[str, Any]:
     return base
 
 
-def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, seed, options, *, exact_match_before=None):
+def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, seed, options, *, sft=None):
     """Train ``kind`` (dpo or rm) from the SFT model; report held-out preference accuracy."""
     from jaxalign.commands.rlhf import build_algorithm
     from jaxalign.config import resolve
@@ -91,8 +107,10 @@ def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, s
         "compilations": trainer.counter.count,
     }
     if kind == "dpo":
-        acc, _ = exact_match_accuracy(trainer.model(), trainer.tokenizer, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
-        result.update(heldout_exact_match_before=exact_match_before, heldout_exact_match_after=acc)
+        acc, said = exact_match_accuracy(trainer.model(), trainer.tokenizer, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+        result.update(heldout_exact_match_before=sft["heldout_exact_match_after"], heldout_exact_match_after=acc,
+                      heldout_carry_slips_before=sft["heldout_carry_slips_after"],
+                      heldout_carry_slips_after=carry_slips(heldout_rows, said))
     return result
 
 
@@ -108,10 +126,10 @@ def rm_scores(rm_path: Path, tokenizer, rows, completions) -> float:
     return float(sum(reward(completions, prompt_ids=prompts, completion_ids=comps)) / len(rows))
 
 
-def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_match_before, options=None):
+def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, options=None):
     """GRPO (exact-match reward) or PPO (the demo's reward model) from the SFT model."""
     from jaxalign.config import resolve
-    from jaxalign.evaluation import exact_match_accuracy, greedy_completions
+    from jaxalign.evaluation import exact_match_accuracy, greedy_completions, sampled_exact_match
     from jaxalign.trainers.run import build_grpo_trainer, build_ppo_trainer, finish, load_tokenizer
 
     common = {
@@ -121,7 +139,7 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_mat
     }
     if kind == "grpo":
         extra = {"reward_funcs": "exact_match", "num_generations": 8, "per_device_train_batch_size": 64,
-                 "learning_rate": 5e-5, "beta": 0.04}
+                 "learning_rate": 1e-4, "beta": 0.04, "logging_steps": 10}
     else:
         extra = {"reward_model": str(out / "rm"), "per_device_train_batch_size": 32, "learning_rate": 1e-5,
                  "num_ppo_epochs": 2, "kl_coef": 0.05, "num_sample_generations": 4, "missing_eos_penalty": 1.0}
@@ -135,25 +153,39 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, exact_mat
         result["heldout_rm_score_before"] = rm_scores(out / "rm", tok, heldout_rows, before)
     t0 = time.time()
     trainer = build_grpo_trainer(cfg, quiet=True) if kind == "grpo" else build_ppo_trainer(cfg, quiet=True)
+    if kind == "grpo":
+        # The policy's expected reward on the first PROBE_PROMPTS training prompts (8 samples each at the
+        # training temperature): the logged `reward` is noisier, each window drawing different prompts.
+        with open(prompt_file) as f:
+            probe = [json.loads(line) for _, line in zip(range(PROBE_PROMPTS), f)]
+
+        def probe_reward():
+            return sampled_exact_match(trainer.model(), tok, probe, max_new_tokens=MAX_NEW_TOKENS, samples=8,
+                                       temperature=cfg.temperature, seed=seed)
+
+        result["train_prompts_sampled_reward_before"] = probe_reward()
     trainer.history = trainer.train()
     if kind == "grpo":
         finish(trainer)
     else:
         trainer.export()
     acc, completions = exact_match_accuracy(trainer.model(), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
-    result.update(seconds=round(time.time() - t0, 1), heldout_exact_match_before=exact_match_before,
-                  heldout_exact_match_after=acc, compilations=trainer.counter.count)
+    result.update(seconds=round(time.time() - t0, 1), heldout_exact_match_before=sft["heldout_exact_match_after"],
+                  heldout_exact_match_after=acc, heldout_carry_slips_before=sft["heldout_carry_slips_after"],
+                  heldout_carry_slips_after=carry_slips(heldout_rows, completions), compilations=trainer.counter.count)
     key = "reward" if kind == "grpo" else "objective/scores"
     curve = [r[key] for r in trainer.history if key in r]
     if curve:
         result[f"train_{key.replace('/', '_')}_first"] = curve[0]
         result[f"train_{key.replace('/', '_')}_last"] = curve[-1]
+    if kind == "grpo":
+        result["train_prompts_sampled_reward_after"] = probe_reward()
     if kind == "ppo":
         result["heldout_rm_score_after"] = rm_scores(out / "rm", tok, heldout_rows, completions)
     return result
 
 
-def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 800, dpo_steps: int = 100, rm_steps: int = 200,
+def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_steps: int = 100, rm_steps: int = 200,
              grpo_steps: int = 40, ppo_steps: int = 20, seed: int = 0, heldout: int = 200) -> dict:
     """Run every demo stage; return (and write) the summary."""
     from jaxalign.config import resolve
@@ -167,15 +199,19 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 800, dpo_steps
     t_start = time.time()
     heldout_rows = make_addition_rows(heldout, seed=seed + 1, digits=DIGITS)
     exclude = [r["messages"][0]["content"] for r in heldout_rows]
-    train_rows = make_addition_rows(4000, seed=seed, digits=DIGITS, exclude=exclude)
+    train_rows = make_addition_rows(4000, seed=seed, digits=DIGITS, exclude=exclude, carry_slip=TEACHER_CARRY_SLIP)
     data = out / "data"
     train_file = _write_jsonl(data / "sft_train.jsonl", train_rows)
     heldout_file = _write_jsonl(data / "heldout.jsonl", heldout_rows)
     base_model, tok = build_base(out, seed)
-    summary: dict[str, Any] = {"task": f"addition of {DIGITS[0]}-{DIGITS[1]} digit numbers", "heldout_rows": heldout}
+    slipped = sum(r["messages"][-1]["content"] != r["solution"] for r in train_rows)
+    summary: dict[str, Any] = {
+        "task": f"addition of {DIGITS[0]}-{DIGITS[1]} digit numbers", "heldout_rows": heldout,
+        "sft_teacher": {"carry_slip": TEACHER_CARRY_SLIP, "rows": len(train_rows), "rows_with_carry_forgotten": slipped},
+    }
 
     # Stage 1: SFT
-    print(f"jaxalign demo: SFT for {sft_steps} steps on {len(train_rows)} rows")
+    print(f"jaxalign demo: SFT for {sft_steps} steps on {len(train_rows)} rows ({slipped} with the carry forgotten)")
     acc_before, _ = exact_match_accuracy(base_model, tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
     cfg = resolve("sft", None, {
         "model": str(out / "base"), "dataset": train_file, "val_dataset": heldout_file,
@@ -194,6 +230,7 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 800, dpo_steps
         "seconds": round(time.time() - t0, 1),
         "heldout_exact_match_before": acc_before,
         "heldout_exact_match_after": acc_after,
+        "heldout_carry_slips_after": carry_slips(heldout_rows, samples),
         "heldout_loss_before": loss_before,
         "heldout_loss_after": evals[-1]["eval_loss"] if evals else None,
         "compilations": trainer.counter.count,
@@ -212,7 +249,7 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 800, dpo_steps
     print(f"jaxalign demo: DPO for {dpo_steps} steps on {len(pair_rows)} pairs")
     summary["dpo"] = preference_stage(
         "dpo", out, pair_file, pair_heldout_file, heldout_rows, dpo_steps, seed,
-        {"beta": 0.1, "learning_rate": 2e-4, "rpo_alpha": 1.0}, exact_match_before=acc_after,
+        {"beta": 0.1, "learning_rate": 2e-4, "rpo_alpha": 1.0}, sft=summary["sft"],
     )
 
     # Stage 3: a reward model on the same pairs
@@ -225,9 +262,9 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 800, dpo_steps
     prompt_rows = make_prompt_rows(2000, seed=seed + 3, digits=DIGITS, exclude=exclude)
     prompt_file = _write_jsonl(data / "prompts_train.jsonl", prompt_rows)
     print(f"jaxalign demo: GRPO for {grpo_steps} steps with the exact-match reward")
-    summary["grpo"] = online_stage("grpo", out, prompt_file, heldout_rows, grpo_steps, seed, exact_match_before=acc_after)
+    summary["grpo"] = online_stage("grpo", out, prompt_file, heldout_rows, grpo_steps, seed, sft=summary["sft"])
     print(f"jaxalign demo: PPO for {ppo_steps} updates with the demo's reward model")
-    summary["ppo"] = online_stage("ppo", out, prompt_file, heldout_rows, ppo_steps, seed, exact_match_before=acc_after)
+    summary["ppo"] = online_stage("ppo", out, prompt_file, heldout_rows, ppo_steps, seed, sft=summary["sft"])
     summary["seconds_total"] = round(time.time() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -14,8 +14,18 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert set(summary) >= {"sft", "dpo", "rm", "grpo", "ppo"}
     for stage in ("sft", "dpo", "grpo", "ppo"):
         acc = summary[stage]["heldout_exact_match_after"]
-        assert 0.0 <= acc <= 1.0
+        assert 0.0 <= acc <= 1.0 and 0.0 <= summary[stage]["heldout_carry_slips_after"] <= 1.0
         assert summary[stage]["compilations"] == 1
+    for stage in ("dpo", "grpo", "ppo"):  # each starts from the SFT model
+        assert summary[stage]["heldout_carry_slips_before"] == summary["sft"]["heldout_carry_slips_after"]
+    grpo = summary["grpo"]
+    assert 0.0 <= grpo["train_prompts_sampled_reward_before"] <= 1.0 and 0.0 <= grpo["train_prompts_sampled_reward_after"] <= 1.0
+    # The SFT rows come from the sloppy teacher: about 0.7 x 45% of the 4000 rows forget a carry.
+    teacher = summary["sft_teacher"]
+    assert teacher["carry_slip"] == 0.7 and 1000 < teacher["rows_with_carry_forgotten"] < 1500
+    rows = [json.loads(line) for line in (out / "data" / "sft_train.jsonl").read_text().splitlines()]
+    said_wrong = sum(r["messages"][-1]["content"] != r["solution"] for r in rows)
+    assert said_wrong == teacher["rows_with_carry_forgotten"]
     assert summary["sft"]["heldout_loss_after"] < summary["sft"]["heldout_loss_before"]
     assert "heldout_rm_score_after" in summary["ppo"] and "heldout_preference_accuracy_after" in summary["rm"]
     assert (out / "curves.png").stat().st_size > 0
@@ -29,3 +39,15 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert cli.main(["demo", "--output_dir", str(other), "--sft_steps", "1"]) == 2
     assert (other / "keep.txt").exists()
     assert "not a jaxalign demo folder" in capsys.readouterr().err
+
+
+def test_carry_slips_counts_forgotten_carries_among_carry_sums():
+    from jaxalign.demo import carry_slips
+
+    rows = [{"messages": [{"role": "user", "content": p}], "solution": s}
+            for p, s in [("47+38=", "85"), ("7+8=", "15"), ("41+38=", "79"), ("95+7=", "102")]]
+    # Carry sums: 47+38 (said 75: forgot), 7+8 (said 15: right), 95+7 (said 93: wrong, but not the slip).
+    # 41+38 has no carry and does not count, whatever was said.
+    assert carry_slips(rows, ["75", "15", "69", "93"]) == 1 / 3
+    assert carry_slips(rows, ["75", "5", "79", "92"]) == 1.0
+    assert carry_slips(rows[2:3], ["69"]) == 0.0

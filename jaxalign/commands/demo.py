@@ -12,7 +12,7 @@ HELP = "run the whole pipeline on an embedded tiny model and task (a few minutes
 def register(sub) -> None:
     p = sub.add_parser(NAME, help=HELP, description=HELP)
     p.add_argument("--output_dir", default="demo_output", help="where the demo writes (default demo_output)")
-    p.add_argument("--sft_steps", type=int, default=800, help="SFT steps (default 800)")
+    p.add_argument("--sft_steps", type=int, default=1600, help="SFT steps (default 1600)")
     p.add_argument("--dpo_steps", type=int, default=100, help="DPO steps (default 100)")
     p.add_argument("--rm_steps", type=int, default=200, help="reward-model steps (default 200)")
     p.add_argument("--grpo_steps", type=int, default=40, help="GRPO steps (default 40)")
