@@ -1,17 +1,19 @@
 """GRPO on the demo task, jaxalign against TRL's GRPOTrainer: same SFT model, prompts, reward and settings.
 
 Both sides start from one Hugging Face folder (by default the demo's SFT model, trained here with
-`jaxalign demo`'s SFT stage: 800 steps on 1-2 digit addition) and train GRPO with the demo's
-exact-match reward on the demo's prompt file: 8 prompts x --num_generations 8 completions per step,
-one optimizer step per generation, --max_completion_length 8, temperature 1.0, beta 0.04,
-epsilon 0.2, loss_type grpo, scale_rewards group, AdamW (jaxalign: ms-swift's betas 0.9/0.95;
-TRL: its 0.9/0.999), constant learning rate --learning_rate, clipping at 1.0, float32, CPU.
+`jaxalign demo`'s SFT stage: 1600 steps on 1-2 digit addition from its sloppy teacher) and train GRPO
+with the demo's exact-match reward on the demo's prompt file: 8 prompts x --num_generations 8
+completions per step, one optimizer step per generation, --max_completion_length 8, temperature 1.0,
+beta 0.04, epsilon 0.2, --loss_type (default grpo; TRL's own default is dapo), scale_rewards group,
+AdamW (jaxalign: ms-swift's betas 0.9/0.95; TRL: its 0.9/0.999), constant learning rate
+--learning_rate, clipping at 1.0, float32, CPU.
 
 Printed: the mean training reward (sampled, temperature 1) over each window of --window steps for
-both sides, and each side's seconds per step after its first step (generation + scoring + update;
-jaxalign's first step includes compilation). The reward curves are two independent sampling
-processes, so they agree only up to sampling noise; a systematic gap would point at a difference in
-the algorithm.
+both sides; held-out greedy exact match of the start model and of both trained models (jaxalign's
+evaluator on --heldout rows, by default the demo's heldout.jsonl beside the prompt file); and each
+side's seconds per step after its first step (generation + scoring + update; jaxalign's first step
+includes compilation). The reward curves are two independent sampling processes, so they agree only
+up to sampling noise; a systematic gap would point at a difference in the algorithm.
 
 Needs TRL, which is not a jaxalign dependency:  pip install trl
 
@@ -48,16 +50,21 @@ def parse_args(argv=None):
     ap.add_argument("--learning_rate", type=float, default=2e-4)
     ap.add_argument("--num_generations", type=int, default=8)
     ap.add_argument("--max_completion_length", type=int, default=8)
+    ap.add_argument("--loss_type", default="grpo", help="both sides (TRL's own default is dapo)")
+    ap.add_argument("--heldout", help="rows with a `solution` column: greedy exact match of both sides' models "
+                    "before and after (default: heldout.jsonl beside --dataset, if there)")
     ap.add_argument("--quick", action="store_true", help="tiny run to check the script")
     ap.add_argument("--json", help="write the figures here")
     return ap.parse_args(argv)
 
 
-def demo_sft(folder: Path, sft_steps: int) -> tuple[Path, Path]:
-    """The demo's SFT model and prompt file (the demo's SFT stage; the other stages for one step)."""
+def demo_sft(folder: Path, sft_steps: int | None) -> tuple[Path, Path]:
+    """The demo's SFT model and prompt file (the demo's SFT stage, its default length unless given;
+    the other stages for one step)."""
     from jaxalign.demo import run_demo
 
-    run_demo(str(folder), sft_steps=sft_steps, dpo_steps=1, rm_steps=1, grpo_steps=1, ppo_steps=1)
+    steps = {} if sft_steps is None else {"sft_steps": sft_steps}
+    run_demo(str(folder), dpo_steps=1, rm_steps=1, grpo_steps=1, ppo_steps=1, **steps)
     return folder / "sft", folder / "data" / "prompts_train.jsonl"
 
 
@@ -91,7 +98,7 @@ def run_jaxalign(args, model: Path, dataset: Path, out: Path) -> dict:
         "rlhf_type": "grpo", "model": str(model), "dataset": str(dataset), "output_dir": str(out),
         "max_steps": args.steps, "seed": 0, "max_completion_length": args.max_completion_length,
         "temperature": 1.0, "reward_funcs": "exact_match", "num_generations": args.num_generations,
-        "learning_rate": args.learning_rate, "beta": 0.04,
+        "learning_rate": args.learning_rate, "beta": 0.04, "loss_type": args.loss_type,
         **stage_options(per_device_train_batch_size=8 * args.num_generations, logging_steps=1,
                         lr_scheduler_type="constant", warmup_ratio=0.0),
     })
@@ -111,7 +118,8 @@ def run_jaxalign(args, model: Path, dataset: Path, out: Path) -> dict:
     # whole cycles (generation, scoring, update) from the second step's update to the last one's:
     # the first update compiles, and the run ends with a checkpoint write
     per_step = (starts[-1] - starts[1]) / (len(starts) - 2) if len(starts) > 2 else total
-    return {"rewards": rewards, "s_per_step": per_step, "first_step_s": (starts[1] - t0) if len(starts) > 1 else total}
+    return {"rewards": rewards, "s_per_step": per_step, "first_step_s": (starts[1] - t0) if len(starts) > 1 else total,
+            "model": trainer.model()}
 
 
 def run_trl(args, model: Path, dataset: Path, out: Path) -> dict:
@@ -141,7 +149,7 @@ def run_trl(args, model: Path, dataset: Path, out: Path) -> dict:
     config = GRPOConfig(
         output_dir=str(out), per_device_train_batch_size=8 * args.num_generations,
         num_generations=args.num_generations, max_completion_length=args.max_completion_length,
-        learning_rate=args.learning_rate, beta=0.04, temperature=1.0, max_steps=args.steps, logging_steps=1,
+        learning_rate=args.learning_rate, beta=0.04, loss_type=args.loss_type, temperature=1.0, max_steps=args.steps, logging_steps=1,
         report_to=[], use_cpu=True, lr_scheduler_type="constant", warmup_steps=0, save_strategy="no", seed=0,
         bf16=False, dataloader_num_workers=0,
     )
@@ -151,7 +159,20 @@ def run_trl(args, model: Path, dataset: Path, out: Path) -> dict:
     trainer.train()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
     per_step = (ends[-1] - ends[0]) / (len(ends) - 1) if len(ends) > 1 else time.perf_counter() - t0
-    return {"rewards": rewards, "s_per_step": per_step, "first_step_s": ends[0] - t0 if ends else None}
+    trainer.save_model(str(out / "final"))  # for the held-out evaluation, with jaxalign's evaluator
+    return {"rewards": rewards, "s_per_step": per_step, "first_step_s": ends[0] - t0 if ends else None,
+            "model": out / "final"}
+
+
+def heldout_exact_match(model, tokenizer_dir: Path, rows) -> float:
+    """Greedy exact match on held-out rows, the demo's measure; ``model`` a Decoder or a Hugging Face folder."""
+    from jaxalign.convert import load_hf_model
+    from jaxalign.evaluation import exact_match_accuracy
+    from jaxalign.trainers.run import load_tokenizer
+
+    if isinstance(model, Path):
+        model = load_hf_model(model)
+    return exact_match_accuracy(model, load_tokenizer(tokenizer_dir), rows, max_new_tokens=8)[0]
 
 
 def main(argv=None) -> int:
@@ -174,17 +195,25 @@ def main(argv=None) -> int:
             return 2
     else:
         print("bench_grpo: training the demo's SFT model", flush=True)
-        model, dataset = demo_sft(work / "demo", 60 if args.quick else 800)
+        model, dataset = demo_sft(work / "demo", 60 if args.quick else None)
+    heldout_file = Path(args.heldout) if args.heldout else dataset.parent / "heldout.jsonl"
+    heldout = [json.loads(line) for line in open(heldout_file)] if heldout_file.is_file() and not args.random_size else None
     results = {}
     for side, fn in (("jaxalign", run_jaxalign), ("TRL", run_trl)):
         print(f"bench_grpo: {side}, {args.steps} steps", flush=True)
         results[side] = fn(args, model, dataset, work / side)
+        trained = results[side].pop("model")
+        if heldout:
+            results[side]["heldout_exact_match"] = heldout_exact_match(trained, model, heldout)
     print(f"\nGRPO, {args.steps} steps, lr {args.learning_rate}, {args.num_generations} generations x 8 prompts per step")
     print("mean training reward per window of", args.window, "steps:")
     print("| steps | jaxalign | TRL |\n|---|---|---|")
     ja, tr = windows(results["jaxalign"]["rewards"], args.window), windows(results["TRL"]["rewards"], args.window)
     for i, (a, b) in enumerate(zip(ja, tr)):
         print(f"| {i * args.window + 1}-{min((i + 1) * args.window, args.steps)} | {a:.3f} | {b:.3f} |")
+    if heldout:
+        print(f"held-out greedy exact match ({len(heldout)} rows): start {heldout_exact_match(model, model, heldout):.3f}, "
+              f"after jaxalign {results['jaxalign']['heldout_exact_match']:.3f}, after TRL {results['TRL']['heldout_exact_match']:.3f}")
     sj, st = results["jaxalign"]["s_per_step"], results["TRL"]["s_per_step"]
     print(f"s/step after the first: jaxalign {sj:.3f}, TRL {st:.3f}; jaxalign / TRL speed {st / sj:.2f}x "
           f"(jaxalign first step incl. compile {results['jaxalign']['first_step_s']:.1f} s)")
