@@ -185,6 +185,9 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("trl") is None:
         print("bench_grpo: TRL is not installed (pip install trl)", file=sys.stderr)
         return 2
+    if args.heldout and not Path(args.heldout).is_file():
+        print(f"bench_grpo: --heldout {args.heldout}: no such file; give rows with a solution column", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="bench_grpo_"))
     if args.random_size:
         model, dataset = random_model_folder(work, args.random_size)
