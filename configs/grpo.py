@@ -26,7 +26,6 @@ def get_config() -> ml_collections.ConfigDict:
             "dynamic_sample": False,
             "overlong_filter": False,
             "gradient_accumulation_steps": 1,
-            "per_device_train_batch_size": 8,  # ms-swift: 1, which one device cannot split into groups of 8
             "learning_rate": 1e-5,
             "lr_scheduler_type": "cosine",
         },

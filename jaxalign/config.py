@@ -49,7 +49,9 @@ OPTIONS: dict[str, Option] = {
     "ignore_bad_rows": Option(False, bool, "skip malformed rows (counted) instead of stopping"),
     "length_buckets": Option(None, str, "comma-separated padded lengths; default powers of two up to max_length"),
     # Optimisation
-    "per_device_train_batch_size": Option(1, int, "rows per device per micro-batch"),
+    "per_device_train_batch_size": Option(
+        None, int, "rows per device per micro-batch (default 1; kto 2, so its KL pairs exist; grpo num_generations)"
+    ),
     "per_device_eval_batch_size": Option(1, int, "rows per device per evaluation batch"),
     "gradient_accumulation_steps": Option(None, int, "micro-batches per step (default: so the total batch is >= 16)"),
     "learning_rate": Option(1e-5, float, "peak learning rate (ms-swift's full fine-tuning default)"),
@@ -144,6 +146,19 @@ OPTIONS: dict[str, Option] = {
 DEFAULT_BETA = {"dpo": 0.1, "cpo": 0.1, "orpo": 0.1, "kto": 0.1, "rm": 0.1, "simpo": 2.0, "grpo": 0.04, "ppo": 0.1}
 
 
+def default_batch_size(cfg: ml_collections.ConfigDict) -> int:
+    """Rows per device when --per_device_train_batch_size is not given: ms-swift's 1, except where 1
+    cannot run. KTO pairs each prompt with another row's completion for its KL reference point, so a
+    micro-batch needs 2 rows; a GRPO device holds whole groups, so its generation batch always divides
+    into groups of --num_generations."""
+    kind = cfg.get("rlhf_type")
+    if kind == "kto":
+        return 2
+    if kind == "grpo":
+        return cfg.num_generations
+    return 1
+
+
 def default_config(command: str) -> ml_collections.ConfigDict:
     """Every option of ``command`` at its default."""
     values = {k: o.default for k, o in OPTIONS.items() if command in o.commands}
@@ -207,6 +222,8 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
             if key not in OPTIONS or command not in OPTIONS[key].commands:
                 raise ConfigError(f"{source}: unknown option {key!r}; see `jaxalign {command} --help`")
             cfg[key] = coerce(key, value)
+    if cfg.per_device_train_batch_size is None:
+        cfg.per_device_train_batch_size = default_batch_size(cfg)
     _check(cfg)
     return cfg
 

@@ -141,6 +141,21 @@ class DecoderLayer(nnx.Module):
         return x, new_cache
 
 
+def _rematerialised(layer: DecoderLayer, x, cos, sin, key_valid, q_slots, k_slots, dtype):
+    """``layer(x, ...)`` whose activations are recomputed in the backward pass.
+
+    The layer is split and merged inside a plain ``jax.checkpoint``, so the call is a pure function
+    of its state: it traces the same way whether the model is the one being differentiated or a
+    frozen reference merged inside the loss (``nnx.remat`` refused the latter).
+    """
+    graphdef, state = nnx.split(layer)
+
+    def run(state, x, cos, sin, key_valid, q_slots, k_slots):
+        return nnx.merge(graphdef, state)(x, cos, sin, key_valid, q_slots, k_slots, None, dtype)
+
+    return jax.checkpoint(run)(state, x, cos, sin, key_valid, q_slots, k_slots)
+
+
 class Decoder(nnx.Module):
     """A causal language model: ``model(input_ids, attention_mask, positions) -> logits``.
 
@@ -180,9 +195,7 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
             if self.remat and cache is None:
-                x, kv = nnx.remat(lambda m, *a: m(*a), static_argnums=(8,))(
-                    layer, x, cos, sin, key_valid, q_slots, k_slots, None, self.dtype
-                )
+                x, kv = _rematerialised(layer, x, cos, sin, key_valid, q_slots, k_slots, self.dtype)
             else:
                 x, kv = layer(x, cos, sin, key_valid, q_slots, k_slots, layer_cache, self.dtype)
             if kv is not None:
