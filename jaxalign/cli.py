@@ -53,5 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
 
 
+def run_tool(parser: ArgumentParser, fn, argv: list[str] | None = None) -> int:
+    """A ``tools/`` script's main: parse, run ``fn(args)``, and turn a user mistake into one line and exit 2."""
+    try:
+        return int(fn(parser.parse_args(argv)) or 0)
+    except JaxalignError as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
 if __name__ == "__main__":
     sys.exit(main())

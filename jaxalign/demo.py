@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jaxalign.demo_figure import plot_demo
 from jaxalign.errors import ConfigError
 
 DIGITS = (1, 2)
@@ -239,7 +240,6 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_step
             for r, s in list(zip(heldout_rows, samples))[:5]
         ],
     }
-    shutil.copy(out / "sft" / "curves.png", out / "curves.png")
 
     # Stage 2: DPO from the SFT model on (correct, near-miss) pairs
     pair_rows = make_preference_rows(2000, seed=seed + 2, digits=DIGITS, exclude=exclude)
@@ -267,4 +267,5 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_step
     summary["ppo"] = online_stage("ppo", out, prompt_file, heldout_rows, ppo_steps, seed, sft=summary["sft"])
     summary["seconds_total"] = round(time.time() - t_start, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_demo(summary, out, out / "curves.png")
     return summary

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 NAME = "export"
 HELP = "write a Hugging Face folder (safetensors, config, generation config, tokenizer)"
@@ -20,34 +19,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxalign.convert import load_hf_model, save_hf_model
-    from jaxalign.trainers.checkpoint_model import load_checkpoint_model
+    from jaxalign.convert.export import export_checkpoint, export_hf_folder
 
     if args.ckpt_dir:
-        from jaxalign.trainers.checkpoint_model import is_reward_checkpoint
-
-        src = Path(args.ckpt_dir)
-        tokenizer = load_tokenizer_if_present(src.parent / "tokenizer")
-        if is_reward_checkpoint(src):  # backbone + value_head.safetensors
-            from jaxalign.convert.value_head_io import save_reward_model
-
-            out = save_reward_model(load_checkpoint_model(src, value_head=True), args.output_dir, tokenizer=tokenizer)
-            print(f"exported {src} -> {out} (with value_head.safetensors)")
-            return 0
-        model = load_checkpoint_model(src)
+        _, line = export_checkpoint(args.ckpt_dir, args.output_dir, max_shard_size=args.max_shard_size)
     else:
-        src = Path(args.model)
-        model = load_hf_model(src, dtype="float32")
-        tokenizer = load_tokenizer_if_present(src)
-    out = save_hf_model(model, args.output_dir, tokenizer=tokenizer, max_shard_size=args.max_shard_size)
-    print(f"exported {src} -> {out}")
+        _, line = export_hf_folder(args.model, args.output_dir, max_shard_size=args.max_shard_size)
+    print(line)
     return 0
-
-
-def load_tokenizer_if_present(folder: str | Path):
-    """The folder's tokenizer when it has one (tokenizer.json or tokenizer_config.json), else None."""
-    if not any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))

@@ -90,8 +90,13 @@ def load_hf_model(path: str | Path, *, dtype: str = "float32", mesh: Mesh | None
     their sharding when ``mesh`` is given. Parameters are float32; ``dtype`` is the compute dtype.
     """
     folder = Path(path)
-    config = read_config(folder)
-    tensors = open_weights(folder)
+    return load_decoder(folder, read_config(folder), open_weights(folder), dtype=dtype, mesh=mesh, rules=rules)
+
+
+def load_decoder(folder: Path, config: ModelConfig, tensors: dict[str, SafetensorsFile], *, dtype: str = "float32",
+                 mesh: Mesh | None = None, rules=None) -> Decoder:
+    """A Decoder of ``config`` filled from ``tensors`` (name -> file) through the weight table; every tensor
+    must be mapped or harmless."""
     table = weight_table(config)
     model = abstract_model(config, dtype)
     graphdef, state = nnx.split(model)

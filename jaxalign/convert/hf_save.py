@@ -55,12 +55,15 @@ def save_hf_model(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     extra_files=None,
+    tensors=None,
+    hf_config: dict | None = None,
 ) -> Path:
     """Write config.json, generation_config.json, safetensors (sharded past ``max_shard_size``)
     and the tokenizer to ``path``, staged in a temporary folder and renamed when complete.
 
     An existing folder that already holds a model is refused unless ``overwrite``.
-    ``extra_files`` is an optional callable ``f(staging_dir)`` writing more files (a value head).
+    ``extra_files`` is an optional callable ``f(staging_dir)`` writing more files (a value head);
+    ``tensors`` ((name, array) pairs) and ``hf_config`` replace the causal LM's own (another head).
     """
     dst = Path(path)
     if dst.exists() and not dst.is_dir():
@@ -71,13 +74,14 @@ def save_hf_model(
     dst.parent.mkdir(parents=True, exist_ok=True)
     staging = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     try:
-        tensors = hf_tensors(model)
+        tensors = hf_tensors(model) if tensors is None else tensors
+        hf_config = model.config.to_hf_dict() if hf_config is None else hf_config
         if writer:
             if staging.exists():
                 shutil.rmtree(staging)
             staging.mkdir()
             write_shards(tensors, staging, max_shard_size)
-            (staging / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2, sort_keys=True))
+            (staging / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True))
             (staging / "generation_config.json").write_text(json.dumps(generation_config_dict(model), indent=2))
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(staging))

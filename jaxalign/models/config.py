@@ -72,6 +72,7 @@ class ModelConfig:
             out = _fresh_hf_dict(self)
         out["architectures"] = [_HF_ARCHITECTURES[self.model_type]]
         out["model_type"] = self.model_type
+        out["tie_word_embeddings"] = self.tie_word_embeddings
         out["torch_dtype"] = "float32"
         out.pop("dtype", None)
         out["dtype"] = "float32"

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
 from jaxalign.convert.hf_load import abstract_model
 from jaxalign.errors import CheckpointError
 from jaxalign.models.config import config_from_hf
+from jaxalign.models.value_head import RewardModel, ValueHead
+from jaxalign.parallel.rules import param_shardings
 from jaxalign.trainers.checkpoint import read_meta
 
 
@@ -25,70 +29,83 @@ def is_reward_checkpoint(path: str | Path) -> bool:
     return is_checkpoint(path) and read_meta(Path(path)).get("algorithm") == "rm"
 
 
-def load_checkpoint_model(path: str | Path, *, dtype: str = "float32", value_head: bool = False):
-    """The policy saved in ``output_dir/checkpoint-N`` as a Decoder (params on the default device).
+def load_checkpoint_model(path: str | Path, *, dtype: str = "float32", value_head: bool = False, mesh=None):
+    """The policy saved in ``output_dir/checkpoint-N`` as a Decoder.
 
-    A reward-model checkpoint gives its backbone, or with ``value_head=True`` the whole
+    Only the parameters are read (not the optimizer state), each straight onto its sharding on
+    ``mesh`` (or the default device), whatever mesh the checkpoint was written from. A reward-model
+    checkpoint gives its backbone, or with ``value_head=True`` the whole
     :class:`jaxalign.models.value_head.RewardModel`."""
     p = Path(path)
     if not is_checkpoint(p):
         raise CheckpointError(f"{p}: not a jaxalign checkpoint folder (expected state/ and meta/ inside)")
     meta = read_meta(p)
-    import dataclasses
-
     config = config_from_hf(meta["model_config"], source=f"{p}/meta")
     if meta.get("generation_config"):
         config = dataclasses.replace(config, generation_config=meta["generation_config"])
     reward = meta.get("algorithm") == "rm"
     if reward:
-        from jaxalign.models.value_head import RewardModel, ValueHead
-
         head = nnx.eval_shape(lambda: ValueHead(config.hidden_size, rngs=nnx.Rngs(0)))
         abstract = RewardModel(abstract_model(config, dtype), head)
     else:
         abstract = abstract_model(config, dtype)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    restored = ckptr.restore(p.absolute(), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    saved = restored["state"]["params"]
-    flat = nnx.to_flat_state(params)
-    values = {}
-    for path_, var in flat:
-        node = saved
-        try:
-            for k in path_:
-                node = node[str(k)] if str(k) in node else node[k]
-            if isinstance(node, dict) and "value" in node:  # nnx Variables are saved as {"value": array}
-                node = node["value"]
-        except (KeyError, TypeError):
-            raise CheckpointError(f"{p}: parameter {'/'.join(map(str, path_))} missing from the checkpoint") from None
-        if tuple(node.shape) != tuple(var.shape):
-            raise CheckpointError(f"{p}: parameter {'/'.join(map(str, path_))} has shape {node.shape}, expected {var.shape}")
-        values[path_] = jnp.asarray(jax.device_get(node), jnp.float32)
-    pure = {}
-    for path_, v in values.items():
-        d = pure
-        for k in path_[:-1]:
-            d = d.setdefault(k, {})
-        d[path_[-1]] = v
-    nnx.replace_by_pure_dict(params, pure)
+    nnx.replace_by_pure_dict(params, restore_params(p, params, mesh))
     model = nnx.merge(graphdef, params, rest)
     if reward and not value_head:
         return model.backbone
     return model
 
 
+def restore_params(path: Path, params: nnx.State, mesh=None) -> dict:
+    """The ``params`` subtree of a checkpoint's train state as a pure dict shaped like ``params``
+    (abstract), each array restored onto its sharding."""
+    shardings = dict(nnx.to_flat_state(param_shardings(params, mesh))) if mesh is not None else None
+    device = SingleDeviceSharding(jax.devices()[0])
+    wanted = {tuple(str(k) for k in key): (key, var) for key, var in nnx.to_flat_state(params)}
+    checkpointer = ocp.PyTreeCheckpointer()
+    saved = checkpointer.metadata(path.absolute() / "state").item_metadata.tree["params"]
+    found = {}
+
+    def target(keys, leaf):
+        names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+        names = names[:-1] if names and names[-1] == "value" else names  # nnx Variables are saved as {"value": array}
+        if names not in wanted:
+            raise CheckpointError(f"{path}: parameter {'/'.join(names)} is not part of this model; the checkpoint "
+                                  "and its meta do not match")
+        key, var = wanted[names]
+        if tuple(leaf.shape) != tuple(var.shape):
+            raise CheckpointError(f"{path}: parameter {'/'.join(names)} has shape {tuple(leaf.shape)}, expected {var.shape}")
+        found[names] = key
+        sharding = device if shardings is None else shardings[key]
+        return jax.ShapeDtypeStruct(var.shape, jnp.float32, sharding=sharding)
+
+    item = jax.tree_util.tree_map_with_path(target, saved)
+    missing = sorted(set(wanted) - set(found))
+    if missing:
+        raise CheckpointError(f"{path}: parameter {'/'.join(missing[0])} missing from the checkpoint")
+    restore_args = jax.tree.map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), item)
+    restored = checkpointer.restore(path.absolute() / "state", args=ocp.args.PyTreeRestore(
+        item={"params": item}, restore_args={"params": restore_args}, partial_restore=True))["params"]
+    pure: dict = {}
+
+    def collect(keys, value):
+        names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+        names = names[:-1] if names and names[-1] == "value" else names
+        node = pure
+        key = found[names]
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = value
+
+    jax.tree_util.tree_map_with_path(collect, restored)
+    return pure
+
+
 def load_any_model(path: str | Path, *, dtype: str = "float32", mesh=None):
     """A Hugging Face folder or a jaxalign checkpoint folder, whichever ``path`` is."""
     if is_checkpoint(path):
-        model = load_checkpoint_model(path, dtype=dtype)
-        if mesh is not None:
-            from jaxalign.parallel.rules import param_shardings
-
-            graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-            params = jax.device_put(params, param_shardings(params, mesh))
-            model = nnx.merge(graphdef, params, rest)
-        return model
+        return load_checkpoint_model(path, dtype=dtype, mesh=mesh)
     from jaxalign.convert import load_hf_model
 
     return load_hf_model(path, dtype=dtype, mesh=mesh)
