@@ -91,7 +91,8 @@ def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, s
     cfg = resolve("rlhf", None, {
         "rlhf_type": kind, "model": str(out / "sft"), "dataset": train_file, "val_dataset": heldout_file,
         "output_dir": str(out / kind), "max_steps": steps, "seed": seed,
-        **stage_options(per_device_train_batch_size=16, eval_steps=max(steps // 2, 1), warmup_ratio=0.0), **options,
+        **stage_options(per_device_train_batch_size=16, eval_steps=max(steps // 2, 1), warmup_ratio=0.0, logging_steps=5),
+        **options,
     })
     t0 = time.time()
     trainer = build_trainer(cfg, build_algorithm(cfg), quiet=True)

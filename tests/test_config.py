@@ -21,11 +21,24 @@ SWIFT_DEFAULTS = dict(
 
 
 def test_defaults_are_swift_defaults():
-    cfg = default_config("sft")
+    cfg = resolve("sft", None, {})
     for key, value in SWIFT_DEFAULTS.items():
         assert cfg[key] == value, key
     assert "rlhf_type" not in cfg  # rlhf-only options stay off `sft`
     assert default_config("rlhf").rlhf_type == "dpo"
+
+
+def test_batch_size_defaults_per_algorithm_run():
+    """ms-swift's 1 row per device, except where 1 cannot run: KTO's KL pairs need 2 rows, a GRPO
+    device holds whole groups of num_generations completions. An explicit value always wins."""
+    def batch(**flags):
+        return resolve("rlhf", None, flags).per_device_train_batch_size
+
+    assert batch(rlhf_type="dpo") == 1 and batch(rlhf_type="rm") == 1 and batch(rlhf_type="ppo") == 1
+    assert batch(rlhf_type="kto") == 2
+    assert batch(rlhf_type="grpo") == 8 and batch(rlhf_type="grpo", num_generations="4") == 4
+    assert batch(rlhf_type="kto", per_device_train_batch_size="1") == 1
+    assert batch(rlhf_type="grpo", per_device_train_batch_size="3") == 3
 
 
 def test_flags_override_file_override_defaults(tmp_path):

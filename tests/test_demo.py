@@ -28,7 +28,13 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert said_wrong == teacher["rows_with_carry_forgotten"]
     assert summary["sft"]["heldout_loss_after"] < summary["sft"]["heldout_loss_before"]
     assert "heldout_rm_score_after" in summary["ppo"] and "heldout_preference_accuracy_after" in summary["rm"]
-    assert (out / "curves.png").stat().st_size > 0
+    # curves.png is the whole demo: exact-match bars plus each stage's main curve, read from its log.
+    from jaxalign.demo_figure import STAGE_CURVES, read_curve
+
+    assert (out / "curves.png").read_bytes() != (out / "sft" / "curves.png").read_bytes()
+    for stage, (key, _) in STAGE_CURVES.items():
+        steps, values = read_curve(out / stage / "logging.jsonl", key)
+        assert steps and steps[-1] == summary[stage]["steps"], stage
     for stage in ("sft", "dpo", "grpo", "ppo"):
         assert (out / stage / "config.json").exists()  # each stage exported a Hugging Face folder
     assert (out / "rm" / "value_head.safetensors").exists()
