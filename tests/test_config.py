@@ -57,7 +57,7 @@ def test_flags_override_file_override_defaults(tmp_path):
 def test_sft_config_restates_swift_defaults():
     file_cfg = load_config_file(CONFIGS / "sft.py")
     cfg = resolve("sft", file_cfg, {})
-    defaults = default_config("sft")
+    defaults = resolve("sft", None, {})
     for key in file_cfg:
         if key == "truncation_strategy":  # spelled out: the schema's None means delete for SFT
             assert cfg[key] == "delete"
