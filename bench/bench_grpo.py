@@ -71,8 +71,8 @@ def demo_sft(folder: Path, sft_steps: int | None) -> tuple[Path, Path]:
 def random_model_folder(folder: Path, size: str) -> tuple[Path, Path]:
     """A random-weight Llama of ``hidden,layers`` with the demo's tokenizer, and the demo's prompts."""
     from jaxalign.convert import save_hf_model
-    from jaxalign.data import build_char_tokenizer, make_prompt_rows
-    from jaxalign.models.factory import llama_config, random_model
+    from jaxalign.demo import build_char_tokenizer, make_prompt_rows
+    from jaxalign.demo.tiny_model import llama_config, random_model
 
     hidden, layers = (int(v) for v in size.split(","))
     tok = build_char_tokenizer()
@@ -92,7 +92,7 @@ def windows(values: list[float], size: int) -> list[float]:
 def run_jaxalign(args, model: Path, dataset: Path, out: Path) -> dict:
     from jaxalign.config import resolve
     from jaxalign.demo import stage_options
-    from jaxalign.trainers.run import build_grpo_trainer
+    from jaxalign.trainers.run import build_trainer
 
     cfg = resolve("rlhf", None, {
         "rlhf_type": "grpo", "model": str(model), "dataset": str(dataset), "output_dir": str(out),
@@ -102,7 +102,7 @@ def run_jaxalign(args, model: Path, dataset: Path, out: Path) -> dict:
         **stage_options(per_device_train_batch_size=8 * args.num_generations, logging_steps=1,
                         lr_scheduler_type="constant", warmup_ratio=0.0),
     })
-    trainer = build_grpo_trainer(cfg, quiet=True)
+    trainer = build_trainer(cfg, quiet=True)
     starts = []
     real_step = trainer.train_step
 
@@ -119,7 +119,7 @@ def run_jaxalign(args, model: Path, dataset: Path, out: Path) -> dict:
     # the first update compiles, and the run ends with a checkpoint write
     per_step = (starts[-1] - starts[1]) / (len(starts) - 2) if len(starts) > 2 else total
     return {"rewards": rewards, "s_per_step": per_step, "first_step_s": (starts[1] - t0) if len(starts) > 1 else total,
-            "model": trainer.model()}
+            "model": trainer.policy()}
 
 
 def run_trl(args, model: Path, dataset: Path, out: Path) -> dict:
@@ -128,7 +128,7 @@ def run_trl(args, model: Path, dataset: Path, out: Path) -> dict:
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from jaxalign.data.synthetic import exact_match
+    from jaxalign.demo.synthetic import exact_match
 
     torch.manual_seed(0)
     tok = PreTrainedTokenizerFast.from_pretrained(model)
@@ -167,8 +167,8 @@ def run_trl(args, model: Path, dataset: Path, out: Path) -> dict:
 def heldout_exact_match(model, tokenizer_dir: Path, rows) -> float:
     """Greedy exact match on held-out rows, the demo's measure; ``model`` a Decoder or a Hugging Face folder."""
     from jaxalign.convert import load_hf_model
-    from jaxalign.evaluation import exact_match_accuracy
-    from jaxalign.trainers.run import load_tokenizer
+    from jaxalign.demo.evaluation import exact_match_accuracy
+    from jaxalign.data.tokenizer import load_tokenizer
 
     if isinstance(model, Path):
         model = load_hf_model(model)

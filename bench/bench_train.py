@@ -9,7 +9,7 @@ seq_len/2 words, a reply of seq_len/2 - 1 words plus EOS), so neither side pads.
 Both sides train plain sigmoid DPO (beta 0.1, no NLL term: jaxalign --rpo_alpha 0, TRL's default
 loss_type ["sigmoid"]) against a frozen reference model computed on the fly, float32, no gradient
 checkpointing, batch --batch_size, one micro-batch per step, AdamW with lr 1e-6 and clipping at 1.0.
-jaxalign runs its own loop body (`Trainer._next_step_batch` + `train_step`, metrics fetched each
+jaxalign runs its own loop body (`algo.next_batch` + `train_step`, metrics fetched each
 step); its first step compiles and is reported separately. TRL runs `DPOTrainer.train()`
 (use_cpu, no dataloader workers, no logging or saving); its first --warmup steps are not timed.
 The two are timed alternately for --rounds rounds of --steps steps each; the best round counts.
@@ -173,11 +173,12 @@ class JaxSide:
     def __init__(self, args, folder: Path, data_file: Path, out: Path, total_steps: int):
         import jax
 
-        from jaxalign.commands.rlhf import build_algorithm
         from jaxalign.config import resolve
+        from jaxalign.data.batching import stack_micro_batches
         from jaxalign.trainers.run import build_trainer
 
         self.jax = jax
+        self.stack = stack_micro_batches
         cfg = resolve("rlhf", None, {
             "model": str(folder), "dataset": str(data_file), "output_dir": str(out),
             "rlhf_type": "dpo", "loss_type": "sigmoid", "beta": 0.1, "rpo_alpha": 0.0,
@@ -189,8 +190,8 @@ class JaxSide:
             "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
             "max_steps": total_steps, "logging_steps": 10 ** 6, "save_steps": 10 ** 6, "save_hf": False,
         })
-        self.trainer = build_trainer(cfg, build_algorithm(cfg), quiet=True)
-        batch = self.trainer._next_step_batch()
+        self.trainer = build_trainer(cfg, quiet=True)
+        batch = stack_micro_batches(self.trainer.algo.next_batch(self.trainer), self.trainer.pad_id)
         want = (1, args.batch_size, args.seq_len)
         for key in ("chosen_input_ids", "rejected_input_ids"):
             if batch[key].shape != want or not batch[key.replace("input_ids", "attention_mask")].all():
@@ -205,7 +206,7 @@ class JaxSide:
         losses = []
         t = time.perf_counter()
         for _ in range(steps):
-            batch = self.trainer._next_step_batch()
+            batch = self.stack(self.trainer.algo.next_batch(self.trainer), self.trainer.pad_id)
             losses.append(float(self.jax.device_get(self.trainer.train_step(batch))["loss"]))
         return time.perf_counter() - t, sum(losses) / len(losses)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 
+from jaxalign.algorithms import ALGORITHMS, RLHF_TYPES, default_batch_size, spec_of
 from jaxalign.errors import ConfigError
 
 
@@ -53,7 +54,9 @@ OPTIONS: dict[str, Option] = {
         None, int, "rows per device per micro-batch (default 1; kto 2, so its KL pairs exist; grpo num_generations)"
     ),
     "per_device_eval_batch_size": Option(1, int, "rows per device per evaluation batch"),
-    "gradient_accumulation_steps": Option(None, int, "micro-batches per step (default: so the total batch is >= 16)"),
+    "gradient_accumulation_steps": Option(
+        None, int, "micro-batches per step (default: so the total batch is >= 16; grpo and ppo 1)"
+    ),
     "learning_rate": Option(1e-5, float, "peak learning rate (ms-swift's full fine-tuning default)"),
     "lr_scheduler_type": Option("cosine", str, "learning-rate schedule", ("cosine", "linear", "constant")),
     "warmup_ratio": Option(0.0, float, "fraction of steps with linear warm-up"),
@@ -78,8 +81,9 @@ OPTIONS: dict[str, Option] = {
     "report_to": Option("none", str, "extra metric sink", ("none", "tensorboard")),
     "save_hf": Option(True, bool, "export the final model as a Hugging Face folder into output_dir"),
     # RLHF (jaxalign rlhf)
-    "rlhf_type": Option("dpo", str, "algorithm", ("dpo", "cpo", "orpo", "simpo", "kto", "rm", "grpo", "ppo"), _RLHF),
-    "beta": Option(None, float, "beta (default per algorithm: 0.1; simpo 2.0)", None, _RLHF),
+    "rlhf_type": Option("dpo", str, "algorithm", RLHF_TYPES, _RLHF),
+    "beta": Option(None, float, "beta (default per algorithm: " + ", ".join(
+        f"{n} {s.default_beta}" for n, s in ALGORITHMS.items() if s.default_beta is not None) + ")", None, _RLHF),
     "loss_type": Option(None, str, "loss type(s); DPO accepts several, comma-separated (default sigmoid)", None, _RLHF),
     "loss_weights": Option(None, str, "weights of several DPO loss types, comma-separated", None, _RLHF),
     "label_smoothing": Option(0.0, float, "conservative DPO/CPO label smoothing", None, _RLHF),
@@ -142,22 +146,6 @@ OPTIONS: dict[str, Option] = {
     "num_sample_generations": Option(10, int, "debug generations over the run (samples.jsonl)", None, _RLHF),
     "missing_eos_penalty": Option(None, float, "subtracted from the score of responses without EOS", None, _RLHF),
 }
-
-DEFAULT_BETA = {"dpo": 0.1, "cpo": 0.1, "orpo": 0.1, "kto": 0.1, "rm": 0.1, "simpo": 2.0, "grpo": 0.04, "ppo": 0.1}
-
-
-def default_batch_size(cfg: ml_collections.ConfigDict) -> int:
-    """Rows per device when --per_device_train_batch_size is not given: ms-swift's 1, except where 1
-    cannot run. KTO pairs each prompt with another row's completion for its KL reference point, so a
-    micro-batch needs 2 rows; a GRPO device holds whole groups, so its generation batch always divides
-    into groups of --num_generations."""
-    kind = cfg.get("rlhf_type")
-    if kind == "kto":
-        return 2
-    if kind == "grpo":
-        return cfg.num_generations
-    return 1
-
 
 def default_config(command: str) -> ml_collections.ConfigDict:
     """Every option of ``command`` at its default."""
@@ -222,9 +210,13 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
             if key not in OPTIONS or command not in OPTIONS[key].commands:
                 raise ConfigError(f"{source}: unknown option {key!r}; see `jaxalign {command} --help`")
             cfg[key] = coerce(key, value)
+    spec = spec_of(cfg.get("rlhf_type") or command)
     if cfg.per_device_train_batch_size is None:
-        cfg.per_device_train_batch_size = default_batch_size(cfg)
+        cfg.per_device_train_batch_size = default_batch_size(spec, cfg)
+    if "beta" in cfg and cfg.beta is None:
+        cfg.beta = spec.default_beta
     _check(cfg)
+    check_algorithm_options(spec, cfg)
     return cfg
 
 
@@ -262,3 +254,51 @@ argparse_unset = _Unset()
 def flags_from_namespace(ns) -> dict[str, Any]:
     """The options the user actually passed on the command line."""
     return {k: v for k, v in vars(ns).items() if k in OPTIONS and v is not argparse_unset}
+
+
+def check_algorithm_options(spec, cfg: ml_collections.ConfigDict) -> None:
+    """The options an algorithm reads, checked before any model loads (as TRL's ``__post_init__``)."""
+    # Imported here: the CLI builds its parser from this module, and these pull in jax and math-verify.
+    from jaxalign.losses.grpo import GRPO_LOSS_TYPES
+    from jaxalign.losses.preference import preference_loss_types
+
+    name = spec.name
+    if spec.command != "rlhf":
+        return
+    if cfg.ref_model and spec.reference == "none":
+        raise ConfigError(f"--ref_model: {name} uses no reference model; drop the flag")
+    if spec.data_kind == "pair" and name != "rm":
+        preference_loss_types(name, cfg.loss_type, cfg.loss_weights)
+    if name == "kto":
+        if cfg.beta <= 0:
+            raise ConfigError(f"--beta {cfg.beta}: KTO needs beta > 0")
+        if cfg.desirable_weight < 0 or cfg.undesirable_weight < 0:
+            raise ConfigError("--desirable_weight and --undesirable_weight must be >= 0")
+        if cfg.loss_type not in (None, "", "kto"):
+            raise ConfigError(f"--loss_type {cfg.loss_type!r} is not available for kto; this build has 'kto'")
+        if cfg.reference_free:
+            raise ConfigError("--reference_free: KTO needs a reference model; drop the flag")
+        if cfg.precompute_ref_log_probs:
+            raise ConfigError("--precompute_ref_log_probs is not supported for kto yet; drop the flag")
+    if name == "grpo":
+        if (cfg.loss_type or "grpo") not in GRPO_LOSS_TYPES:
+            raise ConfigError(f"--loss_type {cfg.loss_type!r} is not valid for grpo; choose from {', '.join(GRPO_LOSS_TYPES)}")
+        if cfg.num_generations < 2:
+            raise ConfigError(f"--num_generations {cfg.num_generations}: GRPO needs at least 2 completions per prompt")
+
+
+def check_required_inputs(cfg: ml_collections.ConfigDict) -> None:
+    """The files and functions a run cannot start without, named with the flag that gives them."""
+    from jaxalign.rewards import split_names  # see check_algorithm_options
+
+    spec = spec_of(cfg.get("rlhf_type") or "sft")
+    if not cfg.model:
+        raise ConfigError("--model is required: a Hugging Face model folder")
+    if not cfg.dataset:
+        raise ConfigError("--dataset is required: a .jsonl/.json/.csv/.parquet file or a saved dataset folder")
+    if spec.name == "grpo" and not split_names(cfg.reward_funcs) and not cfg.reward_model:
+        raise ConfigError("--reward_funcs: GRPO needs at least one reward function (accuracy, format, cosine, "
+                          "repetition, soft_overlong, a plugin's) or --reward_model")
+    if spec.reward_model and not cfg.reward_model:
+        raise ConfigError(f"--reward_model is required for {spec.name}: a reward-model export (backbone + "
+                          "value_head.safetensors)")

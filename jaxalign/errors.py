@@ -29,3 +29,7 @@ class CheckpointError(JaxalignError):
 
 class ShardingError(JaxalignError):
     """A mesh or batch that does not fit the devices."""
+
+
+class TrainingDiverged(JaxalignError):
+    """The loss or the gradient norm became NaN or infinite."""

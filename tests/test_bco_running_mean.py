@@ -17,7 +17,7 @@ def _cfg(**kw):
 
 def test_running_mean_is_the_mean_of_every_reward_seen():
     algo = PairPreference(_cfg())
-    algo._rows_per_step = 4  # 4 pairs per step -> 8 rewards per step
+    algo.rows_per_step = 4  # 4 pairs per step -> 8 rewards per step
     steps = [(0.5, -0.25), (1.0, 0.0), (-2.0, 0.5)]
     for chosen, rejected in steps:
         algo.after_step({"rewards/chosen": chosen, "rewards/rejected": rejected})

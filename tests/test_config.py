@@ -8,7 +8,7 @@ import pytest
 
 from jaxalign.config import OPTIONS, default_config, load_config_file, resolve
 from jaxalign.errors import ConfigError, ShardingError
-from core_train_helpers import CONFIGS
+from helpers import CONFIGS
 
 # ms-swift's documented defaults for full-parameter `swift sft` (and the trainer arguments it inherits).
 SWIFT_DEFAULTS = dict(
@@ -111,7 +111,7 @@ def test_every_option_has_help_and_valid_default():
 
 
 def test_mesh_spec_picks_devices():
-    from jaxalign.trainers.run import run_mesh
+    from jaxalign.parallel import run_mesh
 
     assert len(jax.devices()) == 8
     assert run_mesh("data=1,fsdp=1,tensor=1").devices.size == 1

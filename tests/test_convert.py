@@ -15,8 +15,7 @@ import torch
 import transformers
 from flax import nnx
 
-from foundation_helpers import assert_state_dicts_identical, tiny_tokenizer
-from hf_models import FAMILIES, make_hf_model, save_hf_model_dir
+from helpers import assert_state_dicts_identical, tiny_tokenizer, FAMILIES, make_hf_model, save_hf_model_dir
 from jaxalign.convert import load_hf_model, save_hf_model, weight_table
 from jaxalign.errors import CheckpointError, JaxalignError
 from jaxalign.models import config_from_hf

@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers_tokenizer import IM_END, PAD, ids, tokenizer  # noqa: E402
+from helpers import IM_END, PAD, ids, tokenizer  # noqa: E402
 
 from jaxalign.data import (  # noqa: E402
     BatchIterator,

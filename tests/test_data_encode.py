@@ -6,9 +6,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers_tokenizer import ENDOFTEXT, IM_END, IM_START, chatml, ids, tokenizer  # noqa: E402
+from helpers import ENDOFTEXT, IM_END, IM_START, chatml, ids, tokenizer  # noqa: E402
 
-from jaxalign.data import Encoder, EncodeStats, Example, build_char_tokenizer  # noqa: E402
+from jaxalign.data import Encoder, EncodeStats, Example  # noqa: E402
+from jaxalign.demo import build_char_tokenizer  # noqa: E402
 from jaxalign.errors import ConfigError, DataError  # noqa: E402
 
 U = {"role": "user", "content": "1+2="}

@@ -6,7 +6,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers_tokenizer import write_jsonl  # noqa: E402
+from helpers import write_jsonl  # noqa: E402
 
 from jaxalign.data import load_dataset_rows, normalize_rows, task_kind  # noqa: E402
 from jaxalign.data.rows import Row  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers_tokenizer import write_jsonl  # noqa: E402
+from helpers import write_jsonl  # noqa: E402
 
 from jaxalign.data.loading import load_dataset_rows, parse_spec, sample_rows, split_rows  # noqa: E402
 from jaxalign.errors import ConfigError, DataError  # noqa: E402

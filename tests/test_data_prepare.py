@@ -6,17 +6,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers_tokenizer import PAD, tokenizer, write_jsonl  # noqa: E402
+from helpers import PAD, tokenizer, write_jsonl  # noqa: E402
 
-from jaxalign.data import (  # noqa: E402
-    BatchIterator,
-    make_addition_rows,
-    make_buckets,
-    make_kto_rows,
-    make_preference_rows,
-    make_prompt_rows,
-    prepare_data,
-)
+from jaxalign.data import BatchIterator, make_buckets, prepare_data  # noqa: E402
+from jaxalign.demo import make_addition_rows, make_kto_rows, make_preference_rows, make_prompt_rows  # noqa: E402
 from jaxalign.errors import DataError  # noqa: E402
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from jaxalign.data import normalize_rows
 from jaxalign.data.rows import Row
-from jaxalign.data.synthetic import (
+from jaxalign.demo.synthetic import (
     addition_problems,
     carries,
     exact_match,

@@ -3,10 +3,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from helpers_tokenizer import IM_END, IM_START, PAD, chatml, ids  # noqa: E402
+from helpers import IM_END, IM_START, PAD, chatml, ids  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from jaxalign.data.tiny_tokenizer import build_char_tokenizer  # noqa: E402
+from jaxalign.demo.tiny_tokenizer import build_char_tokenizer  # noqa: E402
 
 
 def test_vocab_order_is_fixed():

@@ -29,7 +29,7 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert summary["sft"]["heldout_loss_after"] < summary["sft"]["heldout_loss_before"]
     assert "heldout_rm_score_after" in summary["ppo"] and "heldout_preference_accuracy_after" in summary["rm"]
     # curves.png is the whole demo: exact-match bars plus each stage's main curve, read from its log.
-    from jaxalign.demo_figure import STAGE_CURVES, read_curve
+    from jaxalign.demo.figure import STAGE_CURVES, read_curve
 
     assert (out / "curves.png").read_bytes() != (out / "sft" / "curves.png").read_bytes()
     for stage, (key, _) in STAGE_CURVES.items():

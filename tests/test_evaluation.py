@@ -2,14 +2,12 @@
 the sampler's distribution itself is tested in test_sampler.py)."""
 
 from jaxalign.convert import load_hf_model
-from jaxalign.data import build_char_tokenizer, make_prompt_rows
-from jaxalign.evaluation import exact_match_accuracy, greedy_completions, sampled_completions, sampled_exact_match
-
-from core_train_helpers import make_base
+from jaxalign.demo import make_prompt_rows
+from jaxalign.demo.evaluation import exact_match_accuracy, greedy_completions, sampled_completions, sampled_exact_match
 
 
-def test_sampled_completions_are_row_major_and_seeded(tmp_path):
-    model, tok = load_hf_model(make_base(tmp_path / "base")), build_char_tokenizer()
+def test_sampled_completions_are_row_major_and_seeded(tiny_model_dir, char_tokenizer):
+    model, tok = load_hf_model(tiny_model_dir), char_tokenizer
     rows = make_prompt_rows(5, seed=0, digits=(1, 2))
     greedy = greedy_completions(model, tok, rows, max_new_tokens=4, batch_size=4)
     assert len(greedy) == 5

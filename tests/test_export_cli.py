@@ -11,8 +11,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from foundation_helpers import assert_state_dicts_identical, rewrite_config, tiny_tokenizer
-from hf_models import save_hf_model_dir
+from helpers import assert_state_dicts_identical, rewrite_config, tiny_tokenizer, save_hf_model_dir
 from jaxalign.cli import main
 
 

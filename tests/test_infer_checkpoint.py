@@ -2,7 +2,7 @@
 
 import json
 
-from core_train_helpers import TINY, make_base, short_rows, write_jsonl
+from helpers import TINY, make_base, short_rows, write_jsonl
 
 from jaxalign import cli
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hf_models import make_hf_model
+from helpers import make_hf_model
 from jaxalign.cli import main
-from jaxalign.data.tiny_tokenizer import build_char_tokenizer
+from jaxalign.demo.tiny_tokenizer import build_char_tokenizer
 
 N_NEW = 6
 

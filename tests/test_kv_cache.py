@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from foundation_helpers import SHARP, jit_cached, jit_forward, padded_batch
-from hf_models import save_hf_model_dir
+from helpers import SHARP, cached_forward, forward, padded_batch, save_hf_model_dir
 from jaxalign.convert import load_hf_model
 from jaxalign.models import init_cache
 
@@ -54,7 +53,7 @@ def full_forward(model, prompt, prompt_mask, new_tokens):
     """Logits of one forward over prompt + new tokens: the reference."""
     ids = np.concatenate([prompt, new_tokens], axis=1)
     mask = np.concatenate([prompt_mask, np.ones_like(new_tokens)], axis=1)
-    return np.asarray(jit_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+    return np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
 
 
 def check_prefill(logits, full, prompt_mask):
@@ -80,13 +79,13 @@ def test_prefill_then_decode_equals_full_forward(models, case):
     full = full_forward(model, prompt, prompt_mask, new_tokens)
 
     cache = init_cache(model.config, len(PROMPT_LENGTHS), MAX_LEN)
-    logits, cache = jit_cached(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache)
+    logits, cache = cached_forward(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache)
     assert logits.dtype == jnp.float32
     check_prefill(logits, full, prompt_mask)
     assert int(cache.index) == PROMPT_WIDTH
     np.testing.assert_array_equal(np.asarray(cache.lengths), PROMPT_LENGTHS)
 
-    cache = decode(jit_cached, model, cache, new_tokens, full)
+    cache = decode(cached_forward, model, cache, new_tokens, full)
     assert int(cache.index) == PROMPT_WIDTH + STEPS
     np.testing.assert_array_equal(np.asarray(cache.lengths), np.asarray(PROMPT_LENGTHS) + STEPS)
 
@@ -100,9 +99,9 @@ def test_prefill_in_two_chunks(models, case):
     assert prompt_mask[:, :cut].sum(axis=1).min() == 0
 
     cache = init_cache(model.config, len(PROMPT_LENGTHS), MAX_LEN)
-    logits1, cache = jit_cached(model, jnp.asarray(prompt[:, :cut]), jnp.asarray(prompt_mask[:, :cut]), cache)
-    logits2, cache = jit_cached(model, jnp.asarray(prompt[:, cut:]), jnp.asarray(prompt_mask[:, cut:]), cache)
+    logits1, cache = cached_forward(model, jnp.asarray(prompt[:, :cut]), jnp.asarray(prompt_mask[:, :cut]), cache)
+    logits2, cache = cached_forward(model, jnp.asarray(prompt[:, cut:]), jnp.asarray(prompt_mask[:, cut:]), cache)
     check_prefill(np.concatenate([np.asarray(logits1), np.asarray(logits2)], axis=1), full, prompt_mask)
     np.testing.assert_array_equal(np.asarray(cache.lengths), PROMPT_LENGTHS)
     # Decode steps may leave the mask out (every new token is real).
-    decode(lambda m, tokens, _mask, c: jit_cached(m, tokens, None, c), model, cache, new_tokens[:, :2], full)
+    decode(lambda m, tokens, _mask, c: cached_forward(m, tokens, None, c), model, cache, new_tokens[:, :2], full)

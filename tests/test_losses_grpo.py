@@ -11,10 +11,7 @@ from jaxalign.errors import ConfigError, JaxalignError
 from jaxalign.losses import group_advantages, grpo_loss
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")  # every test here computes in float64
 
 
 # ---------------------------------------------------------------- group advantages

@@ -10,10 +10,7 @@ import pytest
 from jaxalign.losses import compute_gae, kl_penalty_rewards, ppo_policy_loss, ppo_value_loss, whiten
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")  # every test here computes in float64
 
 
 MASK = np.array(

@@ -19,10 +19,7 @@ from jaxalign.losses import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")  # every test here computes in float64
 
 
 # ---------------------------------------------------------------- plain-Python references

@@ -10,10 +10,7 @@ import pytest
 from jaxalign.losses import reward_loss
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-    with jax.enable_x64(True):
-        yield
+pytestmark = pytest.mark.usefixtures("x64")  # every test here computes in float64
 
 
 def logsig(x):

@@ -14,8 +14,7 @@ import pytest
 import torch
 import transformers
 
-from foundation_helpers import SHARP, hf_row_logits, max_diff_real, padded_batch, rewrite_config
-from hf_models import FAMILIES, save_hf_model_dir
+from helpers import SHARP, hf_row_logits, max_diff_real, padded_batch, rewrite_config, FAMILIES, save_hf_model_dir
 from jaxalign.convert import load_hf_model
 
 # case -> (family, config overrides). The FAMILIES cover GQA, tied/untied embeddings, Qwen2 qkv bias,

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxalign.cli import main
-from core_train_helpers import make_base, short_rows, write_jsonl
+from helpers import make_base, short_rows, write_jsonl
 
 PLUGIN = '''
 from jaxalign.rewards import register

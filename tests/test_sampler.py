@@ -11,7 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from hf_models import FAMILIES, save_hf_model_dir
+from helpers import FAMILIES, save_hf_model_dir
 from jaxalign.convert import load_hf_model
 from jaxalign.models import Decoder, ModelConfig
 from jaxalign.rollout import apply_repetition_penalty, generate, trace_count

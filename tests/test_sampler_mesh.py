@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from hf_models import save_hf_model_dir
+from helpers import save_hf_model_dir
 from jaxalign.convert import load_hf_model
 from jaxalign.errors import ShardingError
 from jaxalign.parallel import make_mesh

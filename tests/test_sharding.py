@@ -9,15 +9,7 @@ import pytest
 import torch
 import transformers
 
-from foundation_helpers import (
-    SHARDABLE,
-    assert_state_dicts_identical,
-    hf_row_logits,
-    jit_forward,
-    max_diff_real,
-    padded_batch,
-)
-from hf_models import save_hf_model_dir
+from helpers import SHARDABLE, assert_state_dicts_identical, hf_row_logits, forward, max_diff_real, padded_batch, save_hf_model_dir
 from jaxalign.convert import load_hf_model, save_hf_model
 from jaxalign.errors import JaxalignError
 from jaxalign.parallel import batch_sharding, is_multi_host_environment, logical_to_spec, make_mesh
@@ -88,7 +80,7 @@ def source(tmp_path_factory):
     hf = save_hf_model_dir("qwen2", folder, tie_word_embeddings=False, initializer_range=0.2, **SHARDABLE)
     single = load_hf_model(folder)
     ids, mask = padded_batch(LENGTHS, 10, "left", vocab=128)
-    ref = np.asarray(jit_forward(single, jnp.asarray(ids), jnp.asarray(mask)))
+    ref = np.asarray(forward(single, jnp.asarray(ids), jnp.asarray(mask)))
     assert max_diff_real(ref, hf_row_logits(hf, ids, mask), mask) <= 1e-4  # the reference is right too
     return hf, folder, ids, mask, ref
 
@@ -112,7 +104,7 @@ def test_sharded_load_and_forward(source, spec):
     assert {s.data.shape for s in norm.addressable_shards} == {(64,)}
 
     batch = batch_sharding(mesh)
-    logits = jit_forward(model, jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch))
+    logits = forward(model, jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch))
     assert logits.dtype == jnp.float32
     real = mask.astype(bool)
     assert float(np.abs(np.asarray(logits)[real] - ref[real]).max()) <= TOL

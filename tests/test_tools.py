@@ -15,13 +15,13 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file
 
-from jaxalign.convert import load_hf_model
+from jaxalign.cli import main
+from jaxalign.convert import load_checkpoint_model, load_hf_model, load_reward_model, save_reward_model
 from jaxalign.convert.seq_cls import load_seq_cls_reward_model
-from jaxalign.convert.value_head_io import load_reward_model, save_reward_model
 from jaxalign.models.value_head import RewardModel, ValueHead
 from jaxalign.parallel import make_mesh
-from jaxalign.trainers.checkpoint_model import load_checkpoint_model
-from core_train_helpers import make_base
+
+from helpers import BASE, short_rows, write_jsonl
 
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 IDS = np.array([[5, 9, 14, 20, 7, 3], [5, 9, 11, 0, 0, 0]], np.int32)
@@ -36,8 +36,8 @@ def tool(name: str):
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return make_base(tmp_path_factory.mktemp("tools") / "base", seed=31)
+def base(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -71,9 +71,6 @@ def test_hf_to_checkpoint_and_back_is_bit_exact(base, tmp_path, capsys):
 
 
 def test_training_starts_from_a_converted_checkpoint(base, tmp_path):
-    from jaxalign.cli import main
-    from core_train_helpers import short_rows, write_jsonl
-
     assert tool("convert_hf_to_jaxalign")(["--model", base, "--output_dir", str(tmp_path / "ckpt")]) == 0
     data = write_jsonl(tmp_path / "d.jsonl", short_rows(8, seed=3))
     rc = main(["sft", "--model", str(tmp_path / "ckpt" / "checkpoint-0"), "--dataset", data, "--output_dir",
@@ -109,8 +106,6 @@ def test_value_head_to_seq_cls_matches_transformers(value_head_rm, tmp_path, cap
 
 def test_transformers_seq_cls_model_converts(tmp_path, capsys):
     """A sequence-classification folder as TRL's RewardTrainer writes it (no bias, no LM head)."""
-    from hf_models import BASE
-
     cfg = transformers.LlamaConfig(**{**BASE, "num_labels": 1, "tie_word_embeddings": False})
     torch.manual_seed(7)
     hf = transformers.LlamaForSequenceClassification(cfg).eval()

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from jaxalign.cli import main
-from core_train_helpers import TINY, cli_args, make_base, one_error_line, read_jsonl, short_rows, write_jsonl
+from helpers import TINY, cli_args, make_base, one_error_line, read_jsonl, short_rows, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}
 

@@ -17,12 +17,11 @@ from flax import nnx
 import jaxalign.rewards
 from jaxalign.cli import main
 from jaxalign.convert import load_hf_model
-from jaxalign.data import make_prompt_rows
+from jaxalign.demo import make_prompt_rows
 from jaxalign.rollout import trace_count
-from jaxalign.trainers.loop import stack_micro_batches
-from jaxalign.trainers.run import build_grpo_trainer
-from core_train_helpers import one_error_line
-from train_helpers import config, make_model_dir, write_jsonl
+from jaxalign.data.batching import stack_micro_batches
+from jaxalign.trainers.run import build_trainer
+from helpers import one_error_line, config, make_model_dir, write_jsonl
 
 G, C, PROMPTS = 4, 5, 4  # group size, max_completion_length, prompts per generation (16 completions)
 TEMPERATURE, BETA, EPS, EPS_HIGH_DAPO, LR = 0.9, 0.1, 0.2, 0.28, 2e-2
@@ -74,13 +73,13 @@ def grpo_config(env, **over):
 
 
 def build(env, **over):
-    return build_grpo_trainer(grpo_config(env, **over), quiet=True)
+    return build_trainer(grpo_config(env, **over), quiet=True)
 
 
 def stacked(trainer, arrays):
     """All of a generation's micro-batches as one optimizer step (steps_per_generation == accumulation)."""
-    assert trainer.steps_per_generation == trainer.accum
-    return stack_micro_batches(trainer._micro_batches(arrays), trainer.pad_id)
+    assert trainer.algo.steps_per_generation == trainer.accum
+    return stack_micro_batches(trainer.algo.micro_batches(trainer, arrays), trainer.pad_id)
 
 
 # ----- a plain forward and the formula, in float64 numpy ------------------------------------------------
@@ -139,7 +138,7 @@ def generation(env):
     trainer = build(env)
     prompt_batch = next(trainer.batches)
     solutions = [e["solution"] for e in prompt_batch["extras"]]
-    arrays, metrics, samples = trainer.generation_batch_arrays(prompt_batch)
+    arrays, metrics, samples = trainer.algo.generation_batch_arrays(trainer, prompt_batch)
     reference = load_hf_model(env["model"])  # the initial model, read from disk again
     ref_logits = logits_of(reference, arrays["input_ids"], arrays["attention_mask"])
     # At step 1 the policy is the reference (KL 0) and the rollout's old log-probs equal the
@@ -278,9 +277,9 @@ def test_no_recompilation_logs_and_completions(updates):
         return out
 
     trainer.train_step = recording
-    generation_before = trainer.generation
+    generation_before = trainer.algo.generation
     history = trainer.train()
-    assert len(traces) == 5 and trainer.generation == generation_before + 5
+    assert len(traces) == 5 and trainer.algo.generation == generation_before + 5
     assert counts == [1] * 5 and trainer.counter.count == 1
     assert traces == [traces[0]] * 5  # no new sampler trace after step 1
     out = trainer.out
@@ -307,7 +306,7 @@ def test_sharded_equals_single_device(env, generation, updates):
     assert dict(trainer.mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     big = max(jax.tree.leaves(trainer.state.params), key=lambda x: x.size)
     assert len(big.sharding.device_set) == 8 and big.addressable_shards[0].data.size < big.size
-    arrays, metrics, _ = trainer.generation_batch_arrays(next(trainer.batches))
+    arrays, metrics, _ = trainer.algo.generation_batch_arrays(trainer, next(trainer.batches))
     single = generation["arrays"]
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert np.array_equal(arrays[key], single[key]), key
@@ -324,14 +323,14 @@ def test_sharded_equals_single_device(env, generation, updates):
 # ----- DAPO dynamic sampling -------------------------------------------------------------------------------------
 def test_dynamic_sample_replaces_flat_groups(env):
     plain = build(env, reward_funcs="test_half_flat")
-    _, before, _ = plain.generation_batch_arrays(next(plain.batches))
+    _, before, _ = plain.algo.generation_batch_arrays(plain, next(plain.batches))
     assert before["frac_reward_zero_std"] > 0  # some prompts of the first batch have even answers
     dyn = build(env, reward_funcs="test_half_flat", dynamic_sample=True, max_resample_times=3)
     prompt_batch = next(dyn.batches)
     first_prompts = prompt_batch["prompt_input_ids"].copy()
-    arrays, after, samples = dyn.generation_batch_arrays(prompt_batch)
+    arrays, after, samples = dyn.algo.generation_batch_arrays(dyn, prompt_batch)
     assert after["frac_reward_zero_std"] < before["frac_reward_zero_std"]
-    assert dyn.generation > 1  # it resampled
+    assert dyn.algo.generation > 1  # it resampled
     replaced = [g for g in range(PROMPTS) if not (prompt_batch["prompt_input_ids"][g] == first_prompts[g]).all()]
     assert replaced
     rewards = np.array([s["reward"] for s in samples]).reshape(PROMPTS, G)

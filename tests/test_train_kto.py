@@ -9,7 +9,7 @@ from flax import nnx
 from jaxalign.cli import main
 from jaxalign.trainers.kto import KTO
 from jaxalign.trainers.run import build_trainer
-from train_helpers import config, conv, jit_forward, make_model_dir, np_sigmoid, np_token_logps, write_jsonl
+from helpers import config, conv, compiled_call, make_model_dir, np_sigmoid, np_token_logps, write_jsonl
 
 WORDS = ["red", "blue", "green", "gold", "pink", "gray", "teal", "navy"]
 
@@ -40,10 +40,10 @@ def trained(folders, tmp_path_factory):
                  max_steps=10, eval_steps=10, learning_rate=2e-3, save_hf=False)
     trainer = build_trainer(cfg, KTO(cfg), quiet=True)
     before = trainer.eval_metrics()
-    trainer.train_step(trainer._next_step_batch())
-    batch = trainer._next_step_batch()
-    pol = jit_forward(trainer.model())
-    ref_fwd = jit_forward(nnx.merge(trainer.graphdef, trainer.algo.ref_params, trainer.rest))
+    trainer.train_step(trainer.algo.next_step_batch(trainer))
+    batch = trainer.algo.next_step_batch(trainer)
+    pol = compiled_call(trainer.model())
+    ref_fwd = compiled_call(nnx.merge(trainer.graphdef, trainer.algo.ref_params, trainer.rest))
     expected = numpy_kto(batch, pol, ref_fwd)
     second = {k: float(v) for k, v in trainer.train_step(batch).items()}
     history = trainer.train()
@@ -105,12 +105,12 @@ def test_kto_row_without_label_is_refused(folders, tmp_path, capsys):
 
 
 def test_kto_and_rm_dispatch():
-    from jaxalign.commands.rlhf import build_algorithm
+    from jaxalign.algorithms import make_algorithm
     from jaxalign.config import resolve
     from jaxalign.errors import ConfigError
     from jaxalign.trainers.reward import RewardModelling
 
-    assert isinstance(build_algorithm(resolve("rlhf", None, {"rlhf_type": "kto"})), KTO)
-    assert isinstance(build_algorithm(resolve("rlhf", None, {"rlhf_type": "rm"})), RewardModelling)
-    with pytest.raises(ConfigError, match="precompute_ref_log_probs"):
-        build_algorithm(resolve("rlhf", None, {"rlhf_type": "kto", "precompute_ref_log_probs": True}))
+    assert isinstance(make_algorithm(resolve("rlhf", None, {"rlhf_type": "kto"})), KTO)
+    assert isinstance(make_algorithm(resolve("rlhf", None, {"rlhf_type": "rm"})), RewardModelling)
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs"):  # refused when the options are read
+        resolve("rlhf", None, {"rlhf_type": "kto", "precompute_ref_log_probs": True})

@@ -13,10 +13,10 @@ import pytest
 from jaxalign.config import resolve
 from jaxalign.convert import load_hf_model, save_hf_model
 from jaxalign.convert.value_head_io import load_reward_model, save_reward_model
-from jaxalign.data import build_char_tokenizer, make_prompt_rows
-from jaxalign.models.factory import llama_config, random_model
+from jaxalign.demo import build_char_tokenizer, make_prompt_rows
+from jaxalign.demo.tiny_model import llama_config, random_model
 from jaxalign.models.value_head import new_reward_model
-from train_helpers import jit_forward, write_jsonl
+from helpers import compiled_call, write_jsonl
 
 MESH = "data=1,fsdp=1,tensor=1"
 C = 6  # max_completion_length
@@ -137,14 +137,15 @@ def ppo_config(root, out, **over):
 def run(folders):
     """One trainer: a rollout and two optimizer steps checked by hand, then three updates by train() and export."""
     from jaxalign.rollout.generate import trace_count
-    from jaxalign.trainers.run import build_ppo_trainer
+    from jaxalign.trainers.run import build_trainer
 
     root, tok = folders
-    trainer = build_ppo_trainer(ppo_config(root, root / "out"), quiet=True)
+    trainer = build_trainer(ppo_config(root, root / "out"), quiet=True)
+    algo = trainer.algo
     batch = next(trainer.batches)
     p = batch["prompt_input_ids"].shape[1]
     for _ in range(12):  # a rollout with responses both with and without EOS (fixed seeds: deterministic)
-        arrays, metrics = trainer.rollout(batch)
+        arrays, metrics = algo.rollout(trainer, batch)
         ended = (arrays["query_responses"][:, p:] == tok.eos_token_id).any(1)
         if ended.any() and not ended.all():
             break
@@ -154,32 +155,32 @@ def run(folders):
 
     # plain forwards of the models as saved on disk (the trainer has not updated anything yet)
     rm = load_reward_model(root / "rm")
-    value_start = jit_forward(trainer.models().value, "values")(ids, attn)
+    value_start = compiled_call(trainer.model().value, "values")(ids, attn)
     expected = reference_update(
         ids, attn, p, eos_id=tok.eos_token_id,
-        policy_logits=jit_forward(load_hf_model(root / "policy"))(ids, attn),
-        ref_logits=jit_forward(load_hf_model(root / "ref"))(ids, attn),
-        values_all=jit_forward(rm, "values")(ids, attn),
-        rm_values=jit_forward(rm, "values")(ids, attn),
+        policy_logits=compiled_call(load_hf_model(root / "policy"))(ids, attn),
+        ref_logits=compiled_call(load_hf_model(root / "ref"))(ids, attn),
+        values_all=compiled_call(rm, "values")(ids, attn),
+        rm_values=compiled_call(rm, "values")(ids, attn),
     )
-    rm_scores = jit_forward(rm, "scores")(ids, attn)
+    rm_scores = compiled_call(rm, "scores")(ids, attn)
 
-    first = trainer.ppo_epochs(arrays, 0)
-    models = trainer.models()  # after one optimizer step: read before the next step donates the state
+    first = algo.ppo_epochs(trainer, arrays, 0)
+    models = trainer.model()  # after one optimizer step: read before the next step donates the state
     t = HP["temperature"] + 1e-7
-    new_logp = picked_logps(jit_forward(models.policy)(ids, attn), ids, p, t)[0] * expected["mask"]
-    new_values = at_response(np.asarray(jit_forward(models.value, "values")(ids, attn), np.float64), p) * expected["mask"]
+    new_logp = picked_logps(compiled_call(models.policy)(ids, attn), ids, p, t)[0] * expected["mask"]
+    new_values = at_response(np.asarray(compiled_call(models.value, "values")(ids, attn), np.float64), p) * expected["mask"]
     second_expected = clipped_losses(new_logp, new_values, expected)
-    second = trainer.ppo_epochs(arrays, 1)
+    second = algo.ppo_epochs(trainer, arrays, 1)
 
     traces = []
-    rollout = trainer.rollout
+    rollout = algo.rollout
 
-    def spy(prompt_batch):
+    def spy(trainer_, prompt_batch):
         traces.append((trace_count(), trainer.counter.count))
-        return rollout(prompt_batch)
+        return rollout(trainer_, prompt_batch)
 
-    trainer.rollout = spy
+    algo.rollout = spy
     history = trainer.train()
     traces.append((trace_count(), trainer.counter.count))
     trainer.export()
@@ -249,10 +250,10 @@ def test_no_recompilation_after_first_update(run):
     assert trainer.counter.count == 1  # 2 manual optimizer steps, then 3 updates
     assert [c for _, c in traces] == [1, 1, 1, 1]
     assert len({t for t, _ in traces[1:]}) == 1, traces  # sampling and eval generations traced by update 1
-    assert [r["compilations"] for r in run["history"]] == [1, 1, 1]
-    assert trainer._forward_fn._cache_size() == 1
-    assert trainer._step_fn._cache_size() == 1
-    assert trainer._score_fn._cache_size() == 1  # samples.jsonl scoring at each of the 3 updates
+    assert [r["compilations"] for r in run["history"] if "loss" in r] == [1, 1, 1]
+    assert trainer.algo.rollout_forward_fn._cache_size() == 1
+    assert trainer.step_fn._cache_size() == 1
+    assert trainer.algo.score_fn._cache_size() == 1  # samples.jsonl scoring at each of the 3 updates
 
 
 def test_logging_samples_and_export(run):
@@ -260,8 +261,11 @@ def test_logging_samples_and_export(run):
     from transformers import AutoModelForCausalLM
 
     out, trainer = run["out"], run["trainer"]
-    rows = [json.loads(x) for x in (out / "logging.jsonl").read_text().splitlines()]
+    logged = [json.loads(x) for x in (out / "logging.jsonl").read_text().splitlines()]
+    rows = [r for r in logged if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    # the samples hook logs the greedy responses' mean score beside each update (every 3 // 3 updates)
+    assert [r["step"] for r in logged if "eval/scores" in r] == [1, 2, 3]
     for r in rows:
         missing = [k for k in TRL_KEYS if k not in r]
         assert not missing, missing
@@ -275,15 +279,15 @@ def test_logging_samples_and_export(run):
 
     assert (out / "value_model" / "value_head.safetensors").is_file()
     ids, attn = run["arrays"]["query_responses"], run["arrays"]["attention_mask"]
-    models = trainer.models()
-    np.testing.assert_allclose(jit_forward(load_reward_model(out / "value_model"), "values")(ids, attn),
-                               jit_forward(models.value, "values")(ids, attn), atol=1e-5)
+    models = trainer.model()
+    np.testing.assert_allclose(compiled_call(load_reward_model(out / "value_model"), "values")(ids, attn),
+                               compiled_call(models.value, "values")(ids, attn), atol=1e-5)
     hf = AutoModelForCausalLM.from_pretrained(str(out)).eval()
     p = run["p"]
     x = ids[:, p - 4 :]  # no padding on the left, so positions agree without a mask convention
     with torch.no_grad():
         got = hf(torch.as_tensor(x, dtype=torch.long)).logits.numpy()
-    want = jit_forward(models.policy)(x, np.ones_like(x))
+    want = compiled_call(models.policy)(x, np.ones_like(x))
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 

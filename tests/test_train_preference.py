@@ -15,8 +15,8 @@ import pytest
 from jaxalign.cli import main as cli_main
 from jaxalign.config import load_config_file, resolve
 from jaxalign.convert import save_hf_model
-from jaxalign.data import build_char_tokenizer
-from jaxalign.models.factory import llama_config, random_model
+from jaxalign.demo import build_char_tokenizer
+from jaxalign.demo.tiny_model import llama_config, random_model
 from jaxalign.trainers.preference import PairPreference
 from jaxalign.trainers.run import build_trainer
 
@@ -126,7 +126,7 @@ def _expected(kind, pol, ref=None, *, beta, loss_types=("sigmoid",), weights=(1.
 
 def _first_step(env, **kw):
     tr = _trainer(env, **kw)
-    batch = tr._next_step_batch()
+    batch = tr.algo.next_step_batch(tr)
     metrics = jax.device_get(tr.train_step(batch))
     return tr, batch, {k: float(v) for k, v in metrics.items()}
 
@@ -178,7 +178,7 @@ def test_first_step_loss_matches_formula_then_learns(env, case):
         log_odds = (ac - ar) - (np.log(-np.expm1(ac)) - np.log(-np.expm1(ar)))
         assert m["log_odds_chosen"] == pytest.approx(np.mean(log_odds), abs=1e-5)
         assert m["log_odds_ratio"] == pytest.approx(np.mean(logsig(log_odds)), abs=1e-5)
-    later = [jax.device_get(tr.train_step(tr._next_step_batch())) for _ in range(LEARN_STEPS)]
+    later = [jax.device_get(tr.train_step(tr.algo.next_step_batch(tr))) for _ in range(LEARN_STEPS)]
     accs = [float(x["rewards/accuracies"]) for x in later]
     assert min(accs[-2:]) >= 0.9, accs
     assert float(later[-1]["rewards/margins"]) > m["rewards/margins"]  # moved towards the chosen side
@@ -217,7 +217,7 @@ def test_sharded_step_equals_single_device(env):
     sharded = _trainer(env, mesh="data=2,fsdp=2,tensor=2", per_device_train_batch_size=2, **common)
     assert single.micro_batch == sharded.micro_batch == 8
     assert single.mesh.devices.size == 1 and sharded.mesh.devices.size == 8
-    b1, b2 = single._next_step_batch(), sharded._next_step_batch()
+    b1, b2 = single.algo.next_step_batch(single), sharded.algo.next_step_batch(sharded)
     for k in b1:
         np.testing.assert_array_equal(b1[k], b2[k])
     m1 = jax.device_get(single.train_step(b1))

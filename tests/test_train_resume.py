@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxalign.cli import main
-from core_train_helpers import TINY, cli_args, long_rows, make_base, read_jsonl, short_rows, write_jsonl
+from helpers import TINY, cli_args, long_rows, make_base, read_jsonl, short_rows, write_jsonl
 
 N, K = 6, 3
 # 16 + 16 rows, micro-batches of 4, 2 a step: 4 steps an epoch, so the resumed part crosses an epoch.

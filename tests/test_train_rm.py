@@ -12,10 +12,10 @@ import torch
 from flax import nnx
 
 from jaxalign.errors import CheckpointError
-from jaxalign.models import load_reward_model
+from jaxalign.convert import load_reward_model
 from jaxalign.trainers.reward import RewardModelling
-from jaxalign.trainers.run import build_trainer, finish
-from train_helpers import config, conv, make_model_dir, np_sigmoid, write_jsonl
+from jaxalign.trainers.run import build_trainer
+from helpers import config, conv, make_model_dir, np_sigmoid, write_jsonl
 
 WORDS = ["red", "blue", "green", "gold", "pink", "gray", "teal", "navy"]
 CENTER = 0.01
@@ -49,7 +49,7 @@ def trained(tmp_path_factory):
                  seed=45)  # a head seed whose initial preferences are mostly wrong
     trainer = build_trainer(cfg, RewardModelling(cfg), quiet=True)
     before = trainer.eval_metrics()
-    batch = trainer._next_step_batch()
+    batch = trainer.algo.next_step_batch(trainer)
     model = trainer.model()
     chosen, rejected, margins = [], [], []
     for a in range(batch["chosen_input_ids"].shape[0]):
@@ -59,7 +59,7 @@ def trained(tmp_path_factory):
     expected = dict(chosen=np.concatenate(chosen), rejected=np.concatenate(rejected), margin=np.concatenate(margins))
     first = {k: float(v) for k, v in trainer.train_step(batch).items()}
     history = trainer.train()
-    finish(trainer)
+    trainer.export()
     return expected, first, trainer, history, root / "out", before
 
 
@@ -121,7 +121,7 @@ def test_value_head_file_and_torch_parity(trained):
 
 
 def test_load_reward_model_round_trip(trained, tmp_path):
-    from jaxalign.trainers.checkpoint_model import load_checkpoint_model
+    from jaxalign.convert.checkpoint_io import load_checkpoint_model
 
     _, _, trainer, _, out, _ = trained
     ids, mask = probe_batch(trainer)

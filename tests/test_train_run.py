@@ -11,10 +11,9 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxalign.cli import main
-from jaxalign.data import BatchIterator, build_char_tokenizer, make_buckets, prepare_data
-from core_train_helpers import (
-    CONFIGS, cli_args, hf_logits, long_rows, make_base, read_jsonl, reference_nll, short_rows, write_jsonl,
-)
+from jaxalign.data import BatchIterator, make_buckets, prepare_data
+from jaxalign.demo import build_char_tokenizer
+from helpers import CONFIGS, cli_args, hf_logits, long_rows, make_base, read_jsonl, reference_nll, short_rows, write_jsonl
 
 STEPS = 6
 # Flags over configs/tiny_cpu.py (which says max_steps 20, save_steps 10, save_total_limit 2, lr 1e-3).
@@ -110,7 +109,7 @@ def test_checkpoints_pruned_to_limit(run):
 
 def test_exported_model_matches_jaxalign_logits(run):
     """output_dir is a Hugging Face folder: transformers' logits equal jaxalign's for the trained weights."""
-    from jaxalign.trainers.checkpoint_model import load_checkpoint_model
+    from jaxalign.convert.checkpoint_io import load_checkpoint_model
 
     out = run["out"]
     assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()

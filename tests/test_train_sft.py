@@ -7,11 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxalign.data import build_char_tokenizer, collate, prepare_data
+from jaxalign.data import collate, prepare_data
+
+from jaxalign.demo import build_char_tokenizer
 from jaxalign.trainers.run import build_trainer
 from jaxalign.trainers.sft import SFT
 from jaxalign.trainers.step import build_train_step
-from core_train_helpers import hf_logits, make_base, reference_nll, sft_config, short_rows, write_jsonl
+from helpers import hf_logits, make_base, reference_nll, sft_config, short_rows, write_jsonl
 
 ROWS = 8  # rows of the one optimizer step
 
@@ -29,7 +31,7 @@ def trainer_for(setup, name, accum, **flags):
     root, base, data = setup
     cfg = sft_config(model=base, dataset=data, output_dir=str(root / name), max_steps=2,
                      per_device_train_batch_size=ROWS // accum, gradient_accumulation_steps=accum, **flags)
-    return build_trainer(cfg, SFT(), quiet=True)
+    return build_trainer(cfg, SFT(cfg), quiet=True)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from jaxalign.trainers.run import build_trainer
 from jaxalign.trainers.sft import SFT
-from core_train_helpers import long_rows, make_base, sft_config, short_rows, write_jsonl
+from helpers import long_rows, make_base, sft_config, short_rows, write_jsonl
 
 STEPS = 3
 
@@ -27,7 +27,7 @@ def run(setup, name, mesh, per_device):
     cfg = sft_config(model=base, dataset=data, output_dir=str(root / name), mesh=mesh, max_steps=STEPS,
                      per_device_train_batch_size=per_device, gradient_accumulation_steps=2, learning_rate=3e-3,
                      weight_decay=0.1)
-    trainer = build_trainer(cfg, SFT(), quiet=True)
+    trainer = build_trainer(cfg, SFT(cfg), quiet=True)
     history = trainer.train()
     return trainer, [r for r in history if "loss" in r]
 

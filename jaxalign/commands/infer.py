@@ -65,21 +65,19 @@ def run(args: argparse.Namespace) -> int:
 
     import jax
 
+    from jaxalign.convert.checkpoint_io import load_any_model
     from jaxalign.data.template import ChatRenderer
+    from jaxalign.data.tokenizer import load_tokenizer, stop_token_ids
     from jaxalign.parallel import make_mesh
-    from jaxalign.rollout import default_stop_token_ids, generate
-
-    from jaxalign.trainers.checkpoint_model import is_checkpoint, load_any_model
+    from jaxalign.rollout import generate
 
     mesh = make_mesh(args.mesh) if args.mesh else None
-    tokenizer = _load_tokenizer(Path(args.model).parent / "tokenizer" if is_checkpoint(args.model) else args.model)
+    tokenizer = load_tokenizer(args.model, training=False)
     model = load_any_model(args.model, dtype=args.dtype, mesh=mesh)
     config = model.config
     sampling = sampling_settings(args, config.generation_config or {})
     _check_sampling(sampling)
-    stops = list(default_stop_token_ids(config))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
-        stops.append(int(tokenizer.eos_token_id))
+    stops = list(stop_token_ids(tokenizer, config))
     pad_id = next(x for x in (tokenizer.pad_token_id, config.pad_token_id, 0) if x is not None)
     renderer = ChatRenderer(tokenizer, None if args.template == "default" else args.template)
     encoded = []
@@ -95,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for start in range(0, len(encoded), args.batch_size):
             chunk = encoded[start:start + args.batch_size]
-            ids, mask = left_pad([c[1] for c in chunk], args.batch_size, pad_id)
+            ids, mask = padded_prompts([c[1] for c in chunk], args.batch_size, pad_id)
             out = generate(
                 model, ids, mask, max_new_tokens=args.max_new_tokens, stop_token_ids=stops,
                 rng=jax.random.fold_in(key, start), pad_token_id=pad_id, mesh=mesh, **sampling,
@@ -181,34 +179,13 @@ def _check_sampling(s: dict[str, Any]) -> None:
         raise ConfigError(f"--repetition_penalty {s['repetition_penalty']}: must be > 0 (1 = off)")
 
 
-def left_pad(seqs: list[list[int]], batch_size: int, pad_id: int):
+def padded_prompts(seqs: list[list[int]], batch_size: int, pad_id: int):
     """Left-padded ids and mask [batch_size, bucket]; the bucket is the next power of two (>= 16) of the
     longest prompt, and missing rows repeat the first prompt (their results are dropped)."""
-    import numpy as np
+    from jaxalign.data.collate import left_pad
 
-    longest = max(len(s) for s in seqs)
-    bucket = max(16, 1 << (longest - 1).bit_length())
-    rows = list(seqs) + [seqs[0]] * (batch_size - len(seqs))
-    ids = np.full((batch_size, bucket), pad_id, np.int32)
-    mask = np.zeros((batch_size, bucket), np.int32)
-    for i, s in enumerate(rows):
-        ids[i, bucket - len(s):] = s
-        mask[i, bucket - len(s):] = 1
-    return ids, mask
-
-
-def _load_tokenizer(folder: str):
-    from jaxalign.errors import CheckpointError
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise CheckpointError(f"{folder}: no such model folder; pass a Hugging Face model directory to --model")
-    if not any((path / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        raise CheckpointError(f"{folder}: no tokenizer (tokenizer.json / tokenizer_config.json); "
-                              "save the tokenizer next to the model")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path))
+    bucket = max(16, 1 << (max(len(s) for s in seqs) - 1).bit_length())
+    return left_pad(list(seqs) + [seqs[0]] * (batch_size - len(seqs)), bucket, pad_id)
 
 
 class _Writer:

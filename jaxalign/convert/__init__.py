@@ -1,7 +1,15 @@
-"""Hugging Face safetensors <-> jaxalign parameters, both directions through one weight table."""
+"""Model folders in and out: Hugging Face safetensors <-> jaxalign parameters through one weight table,
+reward models in both layouts, and jaxalign checkpoints."""
 
+from jaxalign.convert.checkpoint_io import load_any_model, load_checkpoint_model
 from jaxalign.convert.hf_load import load_hf_model, read_config
 from jaxalign.convert.hf_save import save_hf_model
+from jaxalign.convert.seq_cls import load_seq_cls_reward_model, save_seq_cls_model
+from jaxalign.convert.value_head_io import load_reward_model, save_reward_model
 from jaxalign.convert.weight_map import WeightEntry, weight_table
 
-__all__ = ["load_hf_model", "read_config", "save_hf_model", "weight_table", "WeightEntry"]
+__all__ = [
+    "load_any_model", "load_checkpoint_model", "load_hf_model", "read_config", "save_hf_model",
+    "load_seq_cls_reward_model", "save_seq_cls_model", "load_reward_model", "save_reward_model",
+    "weight_table", "WeightEntry",
+]

@@ -9,28 +9,19 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jaxalign.convert.checkpoint_io import is_reward_checkpoint, load_checkpoint_model
 from jaxalign.convert.hf_load import load_hf_model
 from jaxalign.convert.hf_save import save_hf_model
+from jaxalign.convert.value_head_io import save_reward_model
+from jaxalign.data.tokenizer import load_tokenizer_if_present
 from jaxalign.errors import CheckpointError
 
 IMPORTED_STEP = 0  # an imported model is a checkpoint of step 0 of no run
 
 
-def load_tokenizer_if_present(folder: str | Path):
-    """The folder's tokenizer when it has one (tokenizer.json or tokenizer_config.json), else None."""
-    if not any((Path(folder) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(folder))
-
-
 def export_checkpoint(ckpt_dir: str | Path, output_dir: str | Path, *, max_shard_size: str = "5GB") -> tuple[Path, str]:
     """``output_dir/checkpoint-N`` -> a Hugging Face folder (a reward model with value_head.safetensors).
     Returns the folder and a one-line description."""
-    from jaxalign.convert.value_head_io import save_reward_model
-    from jaxalign.trainers.checkpoint_model import is_reward_checkpoint, load_checkpoint_model
-
     src = Path(ckpt_dir)
     tokenizer = load_tokenizer_if_present(src.parent / "tokenizer")
     if is_reward_checkpoint(src):

@@ -19,7 +19,15 @@ from flax import nnx
 
 from jaxalign.convert.hf_load import load_decoder, open_weights, read_config
 from jaxalign.convert.hf_save import hf_tensors, save_hf_model
-from jaxalign.convert.value_head_io import place_on_mesh, value_head_tensors, WEIGHT
+from jaxalign.convert.value_head_io import (
+    VALUE_HEAD_FILE,
+    WEIGHT,
+    load_reward_model,
+    place_on_mesh,
+    save_reward_model,
+    value_head_tensors,
+)
+from jaxalign.data.tokenizer import load_tokenizer_if_present
 from jaxalign.errors import CheckpointError
 from jaxalign.models.value_head import RewardModel, ValueHead
 
@@ -107,9 +115,6 @@ def causal_lm_hf_config(model: RewardModel) -> dict:
 def convert_reward_model(input_dir: str | Path, output_dir: str | Path, *, to: str = "auto") -> list[str]:
     """Re-write a reward model folder in the other layout (``to``: auto, seq_cls or value_head);
     returns the lines to tell the user."""
-    from jaxalign.convert.export import load_tokenizer_if_present
-    from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_reward_model, save_reward_model
-
     src = Path(input_dir)
     seq_cls = is_seq_cls_folder(src)
     if not seq_cls and not (src / VALUE_HEAD_FILE).is_file():

@@ -7,9 +7,14 @@ from pathlib import Path
 import jax
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
+from jaxalign.convert.hf_load import load_hf_model
+from jaxalign.convert.hf_save import save_hf_model
 from jaxalign.errors import CheckpointError
 from jaxalign.models.value_head import RewardModel, ValueHead
+from jaxalign.parallel.rules import param_shardings
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 WEIGHT = "v_head.summary.weight"  # [1, hidden]
@@ -25,8 +30,6 @@ def value_head_tensors(head: ValueHead) -> dict[str, np.ndarray]:
 
 def save_value_head(head: ValueHead, folder: str | Path) -> Path:
     """Write ``folder/value_head.safetensors`` (metadata ``{"format": "pt"}``); returns its path."""
-    from safetensors.numpy import save_file
-
     dst = Path(folder) / VALUE_HEAD_FILE
     tmp = dst.with_name(dst.name + ".tmp")
     save_file(value_head_tensors(head), str(tmp), metadata={"format": "pt"})
@@ -36,9 +39,6 @@ def save_value_head(head: ValueHead, folder: str | Path) -> Path:
 
 def load_value_head(folder: str | Path, hidden: int) -> ValueHead:
     """The head stored in ``folder/value_head.safetensors`` for a backbone of width ``hidden``."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     src = Path(folder) / VALUE_HEAD_FILE
     if not src.is_file():
         raise CheckpointError(f"{src}: missing; a reward model folder needs {VALUE_HEAD_FILE} beside the backbone")
@@ -61,8 +61,6 @@ def place_on_mesh(module, mesh):
     """Put a module's params on their mesh shardings (no-op without a mesh)."""
     if mesh is None:
         return module
-    from jaxalign.parallel.rules import param_shardings
-
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     params = jax.device_put(params, param_shardings(params, mesh))
     return nnx.merge(graphdef, params, rest)
@@ -70,8 +68,6 @@ def place_on_mesh(module, mesh):
 
 def load_reward_model(path: str | Path, *, dtype: str = "float32", mesh=None) -> RewardModel:
     """A Hugging Face backbone folder plus its ``value_head.safetensors`` as a RewardModel."""
-    from jaxalign.convert.hf_load import load_hf_model
-
     folder = Path(path)
     if not (folder / VALUE_HEAD_FILE).is_file():
         raise CheckpointError(f"{folder / VALUE_HEAD_FILE}: missing; {folder} is not a reward model folder "
@@ -83,7 +79,5 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", mesh=None) ->
 
 def save_reward_model(model: RewardModel, path: str | Path, *, tokenizer=None, overwrite: bool = False, **kw) -> Path:
     """The backbone as a Hugging Face folder with ``value_head.safetensors`` beside it (one atomic write)."""
-    from jaxalign.convert.hf_save import save_hf_model
-
     return save_hf_model(model.backbone, path, tokenizer=tokenizer, overwrite=overwrite,
                          extra_files=lambda staging: save_value_head(model.v_head, staging), **kw)

@@ -25,22 +25,10 @@ from jaxalign.data.formats import TASK_KINDS, Example, normalize_rows, task_kind
 from jaxalign.data.loading import load_dataset_rows, parse_spec, sample_rows, split_rows
 from jaxalign.data.prepare import PreparedData, load_examples, prepare_data
 from jaxalign.data.rows import Row
-from jaxalign.data.synthetic import (
-    addition_problems,
-    exact_match,
-    extract_answer,
-    make_addition_rows,
-    make_kto_rows,
-    make_preference_rows,
-    make_prompt_rows,
-    near_miss,
-)
 from jaxalign.data.template import PLAIN_TEMPLATE, ChatRenderer
-from jaxalign.data.tiny_tokenizer import CHATML_TEMPLATE, build_char_tokenizer
 
 __all__ = [
     "BatchIterator",
-    "CHATML_TEMPLATE",
     "ChatRenderer",
     "EncodeStats",
     "EncodedExample",
@@ -56,25 +44,16 @@ __all__ = [
     "SFTExample",
     "TASK_KINDS",
     "TRUNCATION_STRATEGIES",
-    "addition_problems",
     "bucket_for",
-    "build_char_tokenizer",
     "collate",
     "collate_kto",
     "collate_pair",
     "collate_prompt",
     "collate_sft",
-    "exact_match",
-    "extract_answer",
     "kl_rotation",
     "load_dataset_rows",
     "load_examples",
-    "make_addition_rows",
     "make_buckets",
-    "make_kto_rows",
-    "make_preference_rows",
-    "make_prompt_rows",
-    "near_miss",
     "normalize_rows",
     "parse_spec",
     "prepare_data",

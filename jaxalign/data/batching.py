@@ -39,6 +39,34 @@ def make_buckets(max_length: int, *, min_length: int = 64, buckets: Sequence[int
     return out
 
 
+def parse_buckets(spec: str | None) -> list[int] | None:
+    """``--length_buckets "512,1024,2048"`` -> [512, 1024, 2048]; None keeps the default buckets."""
+    if not spec:
+        return None
+    try:
+        return [int(b) for b in str(spec).replace(" ", "").split(",") if b]
+    except ValueError:
+        raise ConfigError(f"--length_buckets {spec!r}: expected comma-separated integers, e.g. 512,1024,2048") from None
+
+
+def stack_micro_batches(batches: list[dict], pad_id: int) -> dict[str, np.ndarray]:
+    """[A] batches of possibly different bucket lengths -> arrays [A, B, ...] padded to the longest."""
+    out = {}
+    for key in batches[0]:
+        if key == "extras":
+            continue
+        arrays = [np.asarray(b[key]) for b in batches]
+        if arrays[0].ndim >= 2:
+            length = max(a.shape[1] for a in arrays)
+            fill = pad_id if key.endswith("input_ids") else 0
+            arrays = [
+                np.pad(a, ((0, 0), (0, length - a.shape[1])) + ((0, 0),) * (a.ndim - 2), constant_values=fill)
+                for a in arrays
+            ]
+        out[key] = np.stack(arrays)
+    return out
+
+
 def bucket_for(length: int, buckets: Sequence[int]) -> int:
     """The smallest bucket length >= ``length``."""
     i = bisect.bisect_left(buckets, length)

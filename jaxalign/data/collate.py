@@ -100,16 +100,21 @@ def collate_kto(examples: Sequence[KTOExample], length: int, pad_id: int) -> dic
     return out
 
 
+def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask) [len(seqs), length], each sequence's last ``length`` tokens at the right edge
+    (where generation continues)."""
+    ids = np.full((len(seqs), length), pad_id, dtype=np.int32)
+    attn = np.zeros((len(seqs), length), dtype=np.int32)
+    for i, seq in enumerate(seqs):
+        seq = list(seq)[-length:]
+        ids[i, length - len(seq) :] = seq
+        attn[i, length - len(seq) :] = 1
+    return ids, attn
+
+
 def collate_prompt(examples: Sequence[PromptExample], length: int, pad_id: int) -> dict[str, Any]:
     """Prompt batch, LEFT padded to ``length`` (generation continues at the right edge)."""
-    b = len(examples)
-    ids = np.full((b, length), pad_id, dtype=np.int32)
-    attn = np.zeros((b, length), dtype=np.int32)
-    for i, ex in enumerate(examples):
-        seq = ex.prompt_ids[-length:]
-        n = seq.shape[0]
-        ids[i, length - n :] = seq
-        attn[i, length - n :] = 1
+    ids, attn = left_pad([ex.prompt_ids for ex in examples], length, pad_id)
     return {
         "prompt_input_ids": ids,
         "prompt_attention_mask": attn,

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxalign.algorithms import ALGORITHMS
 from jaxalign.data.rows import Row
 from jaxalign.errors import ConfigError, DataError
 
@@ -27,17 +28,8 @@ Message = dict[str, Any]
 
 TASK_KINDS: tuple[str, ...] = ("sft", "pair", "kto", "prompt")
 KIND_OF: dict[str, str] = {
-    "sft": "sft",
-    "dpo": "pair",
-    "cpo": "pair",
-    "orpo": "pair",
-    "simpo": "pair",
-    "rm": "pair",
-    "pair": "pair",
-    "kto": "kto",
-    "grpo": "prompt",
-    "ppo": "prompt",
-    "prompt": "prompt",
+    **{name: spec.data_kind for name, spec in ALGORITHMS.items()},
+    **{kind: kind for kind in TASK_KINDS},
 }
 ROLE_ALIASES: dict[str, str] = {
     "system": "system",

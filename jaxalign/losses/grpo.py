@@ -18,6 +18,8 @@ from jaxalign.losses.preference import _check_hparam
 __all__ = [
     "SCALE_REWARDS",
     "GRPO_LOSS_TYPES",
+    "TOKEN_NORMALISED",
+    "micro_batch_share",
     "IMPORTANCE_SAMPLING_LEVELS",
     "ADVANTAGE_EPS",
     "group_advantages",
@@ -26,6 +28,16 @@ __all__ = [
 
 SCALE_REWARDS = ("group", "batch", "none")
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+# Loss types normalised by the token count of the whole batch; the others by its rows.
+TOKEN_NORMALISED = frozenset({"bnpo", "dapo"})
+
+
+def micro_batch_share(loss_type: str, micro_tokens, micro_rows, total_tokens, total_rows):
+    """The weight of one micro-batch's loss (normalised within the micro-batch, as :func:`grpo_loss`
+    does) in the loss of the whole accumulated batch."""
+    if loss_type in TOKEN_NORMALISED:
+        return micro_tokens / total_tokens
+    return micro_rows / total_rows
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence", "sequence_token")
 ADVANTAGE_EPS = 1e-4  # ms-swift's epsilon (its docs' pseudocode says 1e-8; the code uses 1e-4)
 
@@ -170,7 +182,7 @@ def grpo_loss(
     masked_sum = jnp.sum(per_token * mask)
     if loss_type == "grpo":
         loss = jnp.mean(jnp.sum(per_token * mask, axis=1) / jnp.maximum(token_count, 1.0))
-    elif loss_type in ("bnpo", "dapo"):
+    elif loss_type in TOKEN_NORMALISED:
         loss = masked_sum / jnp.maximum(total_tokens, 1.0)
     else:  # dr_grpo
         length = logps.shape[1] if max_completion_length is None else max_completion_length

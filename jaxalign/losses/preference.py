@@ -21,6 +21,8 @@ from jaxalign.errors import ConfigError
 __all__ = [
     "DPO_LOSS_TYPES",
     "CPO_LOSS_TYPES",
+    "LENGTH_AVERAGED",
+    "preference_loss_types",
     "dpo_loss",
     "cpo_loss",
     "simpo_loss",
@@ -48,6 +50,43 @@ DPO_LOSS_TYPES = (
 _DPO_ALIASES = {"aot_unpaired": "aot_pair"}
 
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+# Loss types fed length-averaged log-probs (sums divided by the response length), as TRL does;
+# SimPO and ORPO always are. Every other loss type takes sums.
+LENGTH_AVERAGED = frozenset({"ipo"})
+
+
+def preference_loss_types(kind: str, loss_type: str | None, loss_weights: str | None):
+    """``--loss_type`` and ``--loss_weights`` of a paired algorithm, checked: (types, weights).
+
+    DPO takes several comma- or space-separated types (plus ``sft``, the chosen NLL: MPO) with one
+    weight each, aliases resolved; CPO takes one of its three; SimPO and ORPO have their own loss."""
+    if kind in ("simpo", "orpo"):
+        if loss_type not in (None, "", kind, "sigmoid"):
+            raise ConfigError(f"--loss_type {loss_type!r}: {kind} has its own loss; drop the flag")
+        return (kind,), (1.0,)
+    valid = DPO_LOSS_TYPES if kind == "dpo" else CPO_LOSS_TYPES
+    aliases = _DPO_ALIASES if kind == "dpo" else {}
+    types = []
+    for t in (loss_type or "sigmoid").replace(",", " ").split():
+        if kind == "dpo" and t == "sft":
+            types.append(t)
+        elif t in aliases or t in valid:
+            types.append(aliases.get(t, t))
+        else:
+            names = ", ".join((*valid, *aliases, *(("sft",) if kind == "dpo" else ())))
+            raise ConfigError(f"--loss_type {t!r} is not valid for {kind}; choose from {names}")
+    if len(types) > 1 and kind != "dpo":
+        raise ConfigError(f"--loss_type: only dpo mixes several loss types, {kind} takes one")
+    if not loss_weights:
+        return tuple(types), (1.0,) * len(types)
+    try:
+        weights = tuple(float(w) for w in str(loss_weights).replace(",", " ").split())
+    except ValueError:
+        raise ConfigError(f"--loss_weights {loss_weights!r}: expected numbers, comma-separated") from None
+    if len(weights) != len(types):
+        raise ConfigError(f"--loss_weights has {len(weights)} values for {len(types)} loss types; give one per type")
+    return tuple(types), weights
 
 
 def _check_loss_type(loss_type, valid, what, aliases=None):

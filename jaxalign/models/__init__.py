@@ -6,13 +6,4 @@ from jaxalign.models.kv_cache import KVCache, init_cache
 from jaxalign.models.value_head import RewardModel, ValueHead
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "ModelConfig", "config_from_hf", "Decoder", "KVCache", "init_cache",
-           "RewardModel", "ValueHead", "load_reward_model", "save_value_head"]
-
-
-def __getattr__(name):
-    # lazy: jaxalign.convert imports jaxalign.models
-    if name in ("load_reward_model", "save_value_head"):
-        from jaxalign.convert import value_head_io
-
-        return getattr(value_head_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+           "RewardModel", "ValueHead"]

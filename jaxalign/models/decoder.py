@@ -141,6 +141,14 @@ class DecoderLayer(nnx.Module):
         return x, new_cache
 
 
+def set_remat(module: nnx.Module, flag: bool) -> None:
+    """Turn gradient checkpointing on or off in every decoder inside ``module`` (a policy, a reward
+    model's backbone, PPO's policy and value model)."""
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Decoder):
+            node.remat = bool(flag)
+
+
 def _rematerialised(layer: DecoderLayer, x, cos, sin, key_valid, q_slots, k_slots, dtype):
     """``layer(x, ...)`` whose activations are recomputed in the backward pass.
 

@@ -54,14 +54,6 @@ class RewardModel(nnx.Module):
     def config(self):
         return self.backbone.config
 
-    @property
-    def remat(self) -> bool:
-        return self.backbone.remat
-
-    @remat.setter
-    def remat(self, value: bool) -> None:
-        self.backbone.remat = bool(value)
-
     def values(self, input_ids, attention_mask=None) -> jax.Array:
         """The head applied to every position's final hidden state: [B, T] float32."""
         hidden, _ = self.backbone.hidden_states(input_ids, attention_mask)

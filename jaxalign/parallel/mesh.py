@@ -73,3 +73,13 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
 def single_device_mesh() -> Mesh:
     """A 1x1x1 mesh on the first device."""
     return make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])
+
+
+def run_mesh(spec) -> Mesh:
+    """The mesh ``--mesh`` asks for. Fixed sizes (no -1 axis) needing fewer devices than a
+    single process has run on the first devices (e.g. ``data=1,fsdp=1,tensor=1`` on one of 8)."""
+    sizes = parse_mesh_spec(spec)
+    devices = jax.devices()
+    if -1 not in sizes.values() and jax.process_count() == 1:
+        devices = devices[: math.prod(sizes.values())]
+    return make_mesh(spec, devices=devices)

@@ -16,6 +16,7 @@ from jaxalign.rewards.registry import (
     build_reward_funcs,
     load_plugins,
     register,
+    split_names,
     unregister,
 )
 from jaxalign.rewards.repetition import RepetitionPenalty
@@ -23,6 +24,7 @@ from jaxalign.rewards.scoring import reward_metrics, score_completions
 from jaxalign.rewards.soft_overlong import SoftOverlong
 
 __all__ = [
+    "split_names",
     "BUILTIN_REWARDS",
     "FORMAT_PATTERN",
     "CosineReward",

@@ -8,6 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxalign.convert.value_head_io import load_reward_model
 from jaxalign.errors import ConfigError
 
 
@@ -23,8 +24,6 @@ class RewardModelReward:
 
     @classmethod
     def from_path(cls, path: str | Path, tokenizer, *, mesh=None, vocab_size: int | None = None):
-        from jaxalign.convert.value_head_io import load_reward_model
-
         model = load_reward_model(path, mesh=mesh)
         if vocab_size is not None and model.config.vocab_size != vocab_size:
             raise ConfigError(

@@ -139,6 +139,15 @@ def instantiate(name: str, entry: Any, options: Mapping[str, Any]) -> RewardFunc
         raise ConfigError(f"reward function '{name}' could not be built: {short_error(err)}") from err
 
 
+def split_names(value) -> list[str]:
+    """``--reward_funcs "accuracy format"`` (or comma-separated, or a list) -> ["accuracy", "format"]."""
+    if not value:
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [v for v in str(value).replace(",", " ").split() if v]
+
+
 def build_reward_funcs(
     names: Sequence[str], options: Mapping[str, Any] | None = None, plugins: Iterable[str] = ()
 ) -> list[tuple[str, RewardFunc]]:

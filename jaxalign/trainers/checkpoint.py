@@ -8,6 +8,7 @@ removed only after the new one is final.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -86,13 +87,6 @@ class CheckpointWriter:
         self._ckptr.close()
 
 
-def read_meta(path: str | Path) -> dict:
-    """The JSON metadata of a checkpoint (step, data position, config, model config)."""
-    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-    out = ckptr.restore(Path(path).absolute(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    return dict(out["meta"])
-
-
 def restore_state(path: str | Path, abstract_state: Any) -> Any:
     """Restore a train state onto the shardings of ``abstract_state`` (a tree of arrays or ShapeDtypeStructs)."""
     target = jax.tree.map(
@@ -108,8 +102,6 @@ def restore_state(path: str | Path, abstract_state: Any) -> Any:
 
 def write_run_files(output_dir: str | Path, tokenizer, cfg) -> None:
     """The files a run keeps beside its checkpoints: the tokenizer (for export) and args.json."""
-    import json
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:

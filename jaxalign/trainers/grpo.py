@@ -1,87 +1,66 @@
-"""GRPO (and its DAPO, Dr. GRPO and GSPO variants): sample groups, score them, update.
+"""GRPO (and its DAPO, Dr. GRPO and GSPO variants) for the one Trainer: sample groups, score them, update.
 
 Each generation: take prompts, sample ``num_generations`` completions per prompt with the
 sampler (one compiled call), score them with the reward functions on the host, compute
 group advantages, and take ``num_iterations`` passes over the generation in micro-batches,
-``gradient_accumulation_steps`` micro-batches per optimizer step, through the shared compiled
-step. Every shape is fixed by (prompt bucket, max_completion_length), so nothing recompiles
-from one step to the next.
+``gradient_accumulation_steps`` micro-batches per optimizer step. Every shape is fixed by
+(prompt bucket, max_completion_length), so nothing recompiles from one step to the next.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.config import DEFAULT_BETA
 from jaxalign.errors import ConfigError
 from jaxalign.losses import group_advantages
-from jaxalign.trainers.checkpoint import (
-    CheckpointWriter,
-    read_meta,
-    resolve_resume,
-    restore_state,
-    run_meta,
-    write_run_files,
-)
+from jaxalign.rewards import build_reward_funcs, score_completions, split_names
+from jaxalign.rewards.model_reward import RewardModelReward
+from jaxalign.trainers.algorithm import RolloutAlgorithm
 from jaxalign.trainers.grpo_step import GRPOUpdate
-from jaxalign.trainers.logging import MetricsLogger
-from jaxalign.trainers.loop import TrainingDiverged, stack_micro_batches
-from jaxalign.trainers.optim import build_optimizer
-from jaxalign.trainers.step import (
-    CompileCounter,
-    accumulation_sharding,
-    build_train_step,
-    create_train_state,
-    split_model,
-    state_shardings,
-)
 
 
-def split_names(value) -> list[str]:
-    if not value:
-        return []
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v for v in str(value).replace(",", " ").split() if v]
+class GRPO(RolloutAlgorithm):
+    """``--rlhf_type grpo``: the reference (while ``--beta`` > 0) is the starting model."""
 
-
-class GRPOTrainer:
-    """Online GRPO from a policy model, prompt data and reward functions."""
-
-    task = "grpo"
+    name = "grpo"
     curve_keys = ("reward", "loss", "kl", "completions/mean_length")
+    progress_keys = ("loss", "reward")
 
-    def __init__(self, cfg, model, tokenizer, data, mesh, reward_funcs, reward_weights):
-        self.cfg, self.tokenizer, self.data, self.mesh = cfg, tokenizer, data, mesh
-        self.out = Path(cfg.output_dir)
-        self.reward_funcs, self.reward_weights = reward_funcs, reward_weights
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self.model_config = model.config
-        from jaxalign.trainers.ppo import _stop_ids
-
-        self.stop_ids = _stop_ids(tokenizer, model.config)
-        model.remat = bool(cfg.gradient_checkpointing)
-        self.graphdef, params, self.rest = split_model(model)
+    def __init__(self, cfg):
+        super().__init__(cfg)
         self.G = cfg.num_generations
-        if self.G < 2:
-            raise ConfigError(f"--num_generations {self.G}: GRPO needs at least 2 completions per prompt")
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.micro_batch = cfg.per_device_train_batch_size * dp
-        self.accum = cfg.gradient_accumulation_steps or 1
-        self.steps_per_generation = cfg.steps_per_generation or self.accum
-        if self.steps_per_generation % self.accum:
-            raise ConfigError(
-                f"--steps_per_generation {self.steps_per_generation} must be a multiple of "
-                f"--gradient_accumulation_steps {self.accum}"
-            )
-        self.generation_batch = self.micro_batch * self.steps_per_generation
+        self.reward_funcs, self.reward_weights = [], []
+        self.queue: list[list[dict]] = []  # the current generation's optimizer steps, as micro-batch lists
+        self.generation_metrics: dict[str, float] = {}
+
+    # ----- set-up -------------------------------------------------------------------------
+    def prepare_model(self, model, mesh, tokenizer):
+        """Build the reward functions (a reward model among them) before training starts."""
+        cfg = self.cfg
+        self.reward_funcs = build_reward_funcs(split_names(cfg.reward_funcs), {k: cfg[k] for k in cfg.keys()},
+                                               split_names(cfg.external_plugins))
+        if cfg.reward_model:
+            self.reward_funcs.append(RewardModelReward.from_path(cfg.reward_model, tokenizer, mesh=mesh,
+                                                                 vocab_size=model.config.vocab_size))
+        self.reward_weights = [float(w) for w in split_names(cfg.reward_weights)] or [1.0] * len(self.reward_funcs)
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(f"--reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} "
+                              "reward functions; give one each")
+        return model
+
+    def rows_per_batch(self, trainer) -> int:
+        """Prompts per generation, after checking the generation batch splits into groups and devices."""
+        cfg = self.cfg
+        self.steps_per_generation = cfg.steps_per_generation or trainer.accum
+        if self.steps_per_generation % trainer.accum:
+            raise ConfigError(f"--steps_per_generation {self.steps_per_generation} must be a multiple of "
+                              f"--gradient_accumulation_steps {trainer.accum}")
+        self.generation_batch = trainer.micro_batch * self.steps_per_generation
         if self.generation_batch % self.G:
             raise ConfigError(
                 f"the generation batch ({self.generation_batch} completions = per_device_train_batch_size x "
@@ -89,67 +68,69 @@ class GRPOTrainer:
                 "adjust one of them"
             )
         self.prompts_per_generation = self.generation_batch // self.G
-        if self.prompts_per_generation % dp:
+        if self.prompts_per_generation % trainer.data_parallel:
             raise ConfigError(
-                f"{self.prompts_per_generation} prompts per generation do not divide over {dp} data-parallel devices; "
-                "raise --per_device_train_batch_size or --steps_per_generation"
+                f"{self.prompts_per_generation} prompts per generation do not divide over {trainer.data_parallel} "
+                "data-parallel devices; raise --per_device_train_batch_size or --steps_per_generation"
             )
-        from jaxalign.data.batching import BatchIterator, make_buckets
+        return self.prompts_per_generation
 
-        buckets = [int(b) for b in cfg.length_buckets.split(",")] if cfg.length_buckets else None
-        self.buckets = make_buckets(cfg.max_length, buckets=buckets)
-        self.batches = BatchIterator(data.train, self.prompts_per_generation, self.buckets, seed=cfg.data_seed,
-                                     pad_id=self.pad_id)
-        self.updates_per_generation = cfg.num_iterations * self.steps_per_generation // self.accum
-        if cfg.max_steps and cfg.max_steps > 0:
-            self.total_steps = int(cfg.max_steps)
-        else:
-            gens = max(1, int(math.ceil(cfg.num_train_epochs * len(self.batches))))
-            self.total_steps = gens * self.updates_per_generation
-        self.optimizer, self.schedule = build_optimizer(cfg, self.total_steps)
-        self.state = create_train_state(params, self.optimizer, mesh, cfg.seed)
-        beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA["grpo"]
+    def total_steps(self, trainer) -> int:
+        self.updates_per_generation = self.cfg.num_iterations * self.steps_per_generation // trainer.accum
+        return self.steps_for(len(trainer.batches) * self.updates_per_generation)
+
+    def setup(self, trainer) -> None:
+        super().setup(trainer)
+        cfg = trainer.cfg
         self.update = GRPOUpdate(
-            beta=beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
+            beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
             loss_type=cfg.loss_type or "grpo", importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-            graphdef=self.graphdef, rest=self.rest,
-            ref_params=jax.tree.map(jnp.copy, params) if beta > 0 else None,
+            graphdef=trainer.graphdef, rest=trainer.rest,
         )
-        self.counter = CompileCounter()
-        self._step_fn = None
-        self.rng = jax.random.key(cfg.seed + 1)
-        self.generation = 0
+        if cfg.beta > 0:
+            self.freeze_start_as_reference(trainer)
+
+    # ----- the loss (delegated to the update) ---------------------------------------------
+    def loss_fn(self, model, micro, totals, extra, rng):
+        return self.update.loss_fn(model, micro, totals, extra, rng)
+
+    def totals_fn(self, batch):
+        return self.update.totals_fn(batch)
+
+    # ----- one logged step ----------------------------------------------------------------
+    def run_step(self, trainer) -> dict[str, float]:
+        """One optimizer step; a new generation first when the last one's steps are used up."""
+        t0 = time.time()
+        if not self.queue:
+            arrays, self.generation_metrics, samples = self.generation_batch_arrays(trainer, next(trainer.batches))
+            micros = self.micro_batches(trainer, arrays)
+            steps = [micros[j : j + trainer.accum] for j in range(0, len(micros), trainer.accum)]
+            self.queue = steps * self.cfg.num_iterations
+            if self.cfg.log_completions and trainer.main_process:
+                with open(trainer.out / "completions.jsonl", "a") as f:
+                    first_step = int(jax.device_get(trainer.state.step)) + 1  # the first step trained on them
+                    for s_ in samples:
+                        f.write(json.dumps({"step": first_step, "generation": self.generation, **s_}) + "\n")
+        t1 = time.time()
+        metrics = trainer.step_on(self.queue.pop(0))
+        return {**metrics, **self.generation_metrics, "time/update_s": round(time.time() - t1, 4),
+                "time/step_s": round(time.time() - t0, 4)}
+
+    def micro_batches(self, trainer, arrays: dict) -> list[dict]:
+        n = trainer.micro_batch
+        return [{k: v[i * n : (i + 1) * n] for k, v in arrays.items()} for i in range(self.steps_per_generation)]
 
     # ----- rollouts -----------------------------------------------------------------------
-    def _policy(self):
-        from flax import nnx
-
-        return nnx.merge(self.graphdef, self.state.params, self.rest)
-
-    def sample(self, prompt_batch):
-        """Completions for a prompt batch: (train arrays, completion texts, extras, rollout info)."""
-        from jaxalign.rollout import generate
-
-        cfg = self.cfg
-        rng = jax.random.fold_in(self.rng, self.generation)
-        self.generation += 1
-        roll = generate(
-            self._policy(), prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"],
-            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-            top_k=max(cfg.top_k, 0), top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
-            stop_token_ids=self.stop_ids, rng=rng, num_return_sequences=self.G, pad_token_id=self.pad_id,
-            mesh=self.mesh,
-        )
-        roll = {name: np.array(getattr(roll, name)) for name in ("tokens", "logps", "mask", "lengths", "finished")}
+    def sample_group(self, trainer, prompt_batch):
+        """``num_generations`` completions per prompt: (rollout arrays, completion texts)."""
+        roll = self.sample(trainer, prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"], n=self.G)
         tokens, lengths = roll["tokens"], roll["lengths"]
-        texts = [self.tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True)
+        texts = [trainer.tokenizer.decode(tokens[i, : lengths[i]].tolist(), skip_special_tokens=True)
                  for i in range(tokens.shape[0])]
         return roll, texts
 
     def score(self, texts, extras, roll, prompt_ids, prompt_mask):
-        from jaxalign.rewards import score_completions
-
         columns: dict[str, list] = {}
         for key in extras[0] if extras else []:
             columns[key] = [e.get(key) for e in extras for _ in range(self.G)]
@@ -160,11 +141,11 @@ class GRPOTrainer:
         ]
         return score_completions(self.reward_funcs, self.reward_weights, texts, columns)
 
-    def generation_batch_arrays(self, prompt_batch):
+    def generation_batch_arrays(self, trainer, prompt_batch):
         """One generation with (optional) DAPO dynamic sampling: arrays for the update and metrics."""
         cfg = self.cfg
         t0 = time.time()
-        roll, texts = self.sample(prompt_batch)
+        roll, texts = self.sample_group(trainer, prompt_batch)
         total, per_func = self.score(texts, prompt_batch["extras"], roll, prompt_batch["prompt_input_ids"],
                                      prompt_batch["prompt_attention_mask"])
         groups = total.reshape(-1, self.G)
@@ -173,10 +154,10 @@ class GRPOTrainer:
                 flat = np.std(groups, axis=1) == 0
                 if not flat.any():
                     break
-                extra_batch = next(self.batches)
+                extra_batch = next(trainer.batches)
                 if extra_batch["prompt_input_ids"].shape != prompt_batch["prompt_input_ids"].shape:
                     break
-                roll2, texts2 = self.sample(extra_batch)
+                roll2, texts2 = self.sample_group(trainer, extra_batch)
                 total2, per2 = self.score(texts2, extra_batch["extras"], roll2, extra_batch["prompt_input_ids"],
                                           extra_batch["prompt_attention_mask"])
                 g2 = total2.reshape(-1, self.G)
@@ -224,85 +205,10 @@ class GRPOTrainer:
             metrics[f"rewards/{name}/mean"] = float(np.nanmean(vals))
             metrics[f"rewards/{name}/std"] = float(np.nanstd(vals, ddof=1)) if len(vals) > 1 else 0.0
         samples = [
-            {"prompt": self.tokenizer.decode(prompt_batch["prompt_input_ids"][i // self.G][
+            {"prompt": trainer.tokenizer.decode(prompt_batch["prompt_input_ids"][i // self.G][
                 prompt_batch["prompt_attention_mask"][i // self.G] > 0].tolist(), skip_special_tokens=False),
              "completion": texts[i], "reward": float(total[i]), "advantage": float(adv[i]),
              **{name: float(v[i]) for name, v in per_func.items()}}
             for i in range(len(texts))
         ]
         return arrays, metrics, samples
-
-    # ----- the update ---------------------------------------------------------------------
-    def train_step(self, batch):
-        if self._step_fn is None:
-            fn = build_train_step(self.graphdef, self.rest, self.update.loss_fn, self.update.totals_fn,
-                                  self.optimizer, self.schedule, counter=self.counter)
-            sh = state_shardings(self.state)
-            bsh = {k: accumulation_sharding(self.mesh, v.ndim) for k, v in batch.items()}
-            esh = jax.tree.map(lambda x: x.sharding, self.update.extra())
-            self._step_fn = jax.jit(fn, in_shardings=(sh, bsh, esh), out_shardings=(sh, None), donate_argnums=(0,))
-        bsh = {k: accumulation_sharding(self.mesh, v.ndim) for k, v in batch.items()}
-        self.state, metrics = self._step_fn(self.state, jax.device_put(batch, bsh), self.update.extra())
-        return metrics
-
-    def _micro_batches(self, arrays):
-        n = self.micro_batch
-        return [{k: v[i * n : (i + 1) * n] for k, v in arrays.items()} for i in range(self.steps_per_generation)]
-
-    def _meta(self, step):
-        return run_meta(step, self.batches, self.cfg, self.model_config, "grpo", generation=self.generation)
-
-    def train(self) -> list[dict]:
-        cfg = self.cfg
-        write_run_files(self.out, self.tokenizer, cfg)
-        step = 0
-        if cfg.resume_from_checkpoint:
-            path = resolve_resume(cfg.resume_from_checkpoint, self.out)
-            meta = read_meta(path)
-            self.state = restore_state(path, self.state)
-            self.batches.restore(meta["data_state"])
-            self.generation = int(meta["generation"])
-            step = int(meta["step"])
-        logger = MetricsLogger(self.out, self.total_steps, report_to=cfg.report_to, initial_step=step)
-        writer = CheckpointWriter(self.out, cfg.save_total_limit)
-        completions_file = open(self.out / "completions.jsonl", "a") if cfg.log_completions else None
-        window: list[dict] = []
-        try:
-            while step < self.total_steps:
-                prompt_batch = next(self.batches)
-                arrays, gen_metrics, samples = self.generation_batch_arrays(prompt_batch)
-                micros = self._micro_batches(arrays)
-                t0 = time.time()
-                for _ in range(cfg.num_iterations):
-                    for j in range(0, len(micros), self.accum):
-                        if step >= self.total_steps:
-                            break
-                        batch = stack_micro_batches(micros[j : j + self.accum], self.pad_id)
-                        metrics = jax.device_get(self.train_step(batch))
-                        step += 1
-                        loss = float(metrics["loss"])
-                        if not math.isfinite(loss):
-                            raise TrainingDiverged(f"step {step}: loss is {loss}; stopped without saving; lower --learning_rate")
-                        window.append({**{k: float(v) for k, v in metrics.items()}, **gen_metrics})
-                        logger.advance(1, {"loss": loss, "reward": gen_metrics["reward"]})
-                        if step % cfg.logging_steps == 0 or step == self.total_steps:
-                            row = {k: float(np.mean([w[k] for w in window])) for k in window[0]}
-                            row["time/update_s"] = round((time.time() - t0), 4)
-                            row["compilations"] = self.counter.count
-                            logger.log(step, row)
-                            window = []
-                        if step % cfg.save_steps == 0 or step == self.total_steps:
-                            writer.save(step, self.state, self._meta(step))
-                if completions_file is not None:
-                    for s_ in samples:
-                        completions_file.write(json.dumps({"step": step, **s_}) + "\n")
-                    completions_file.flush()
-        finally:
-            writer.close()
-            logger.close(self.curve_keys)
-            if completions_file is not None:
-                completions_file.close()
-        return logger.history
-
-    def model(self):
-        return self._policy()

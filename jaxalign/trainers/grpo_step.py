@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign.losses import grpo_loss
+from jaxalign.losses.grpo import grpo_loss, micro_batch_share
 from jaxalign.trainers import logprobs
 
 
@@ -65,12 +65,8 @@ class GRPOUpdate:
             loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
             max_completion_length=self.max_completion_length,
         )
-        if self.loss_type == "bnpo" or self.loss_type == "dapo":
-            # token-sum normalisation across the whole accumulated batch
-            weight = jnp.maximum(jnp.sum(mask), 1.0) / totals["tokens"]
-        else:
-            # per-row means: each micro-batch's rows are a share of all rows
-            weight = mask.shape[0] / totals["rows"]
+        weight = micro_batch_share(self.loss_type, jnp.maximum(jnp.sum(mask), 1.0), mask.shape[0],
+                                   totals["tokens"], totals["rows"])
         token_w = mask / totals["tokens"]
         drift = jnp.sum(jnp.abs(jax.lax.stop_gradient(lp) - micro["old_logps"]) * token_w)
         # kl and clip ratios are token means whatever the loss type: weigh them by token share

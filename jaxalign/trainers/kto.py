@@ -9,15 +9,13 @@ The math lives in :func:`jaxalign.losses.kto_loss` and :func:`jaxalign.losses.kt
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxalign.config import DEFAULT_BETA
 from jaxalign.errors import ConfigError
 from jaxalign.losses.preference import kto_kl, kto_loss
+from jaxalign.trainers.algorithm import OfflineAlgorithm
 from jaxalign.trainers.logprobs import sequence_logps, token_logps
 
 
@@ -32,34 +30,19 @@ def kto_forward(model, micro):
     return sums[:b], sums[b:]
 
 
-@dataclasses.dataclass
-class KTO:
-    """``--rlhf_type kto`` for :class:`jaxalign.trainers.loop.Trainer`."""
+class KTO(OfflineAlgorithm):
+    """``--rlhf_type kto``: the reference is the starting model, or ``--ref_model``."""
 
-    cfg: object
-    ref_params: object = None  # frozen reference params (the starting model, or --ref_model)
+    name = "kto"
+    curve_keys = ("loss", "rewards/margins", "kl", "eval_loss")
 
-    def __post_init__(self):
-        cfg = self.cfg
-        self.task = "kto"
-        self.beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA["kto"]
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.beta = cfg.beta
         self.desirable_weight = float(cfg.desirable_weight)
         self.undesirable_weight = float(cfg.undesirable_weight)
-        if self.beta <= 0:
-            raise ConfigError(f"--beta {self.beta}: KTO needs beta > 0")
-        if self.desirable_weight < 0 or self.undesirable_weight < 0:
-            raise ConfigError("--desirable_weight and --undesirable_weight must be >= 0")
-        if cfg.get("loss_type") not in (None, "", "kto"):
-            raise ConfigError(f"--loss_type {cfg.loss_type!r} is not available for kto; this build has 'kto'")
-        if cfg.get("reference_free"):
-            raise ConfigError("--reference_free: KTO needs a reference model; drop the flag")
-        if cfg.get("precompute_ref_log_probs"):
-            raise ConfigError("--precompute_ref_log_probs is not supported for kto yet; drop the flag")
-        self.needs_reference = True
-        self.curve_keys = ("loss", "rewards/margins", "kl", "eval_loss")
         self._graphdef = self._rest = None
 
-    # ----- Trainer hooks ----------------------------------------------------------------
     def setup(self, trainer) -> None:
         if trainer.micro_batch < 2:
             raise ConfigError(
@@ -67,11 +50,8 @@ class KTO:
                 f"at least 2 rows (got {trainer.micro_batch}); raise --per_device_train_batch_size"
             )
         self._graphdef, self._rest = trainer.graphdef, trainer.rest
-        if self.ref_params is None:
-            self.ref_params = jax.tree.map(jnp.copy, trainer.state.params)  # the starting model, frozen
-
-    def extra(self):
-        return self.ref_params
+        self.freeze_start_as_reference(trainer)
+        super().setup(trainer)
 
     def totals_fn(self, batch):
         label = batch["label"].astype(jnp.float32)

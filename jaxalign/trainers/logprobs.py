@@ -21,14 +21,6 @@ def token_logps(logits: jax.Array, input_ids: jax.Array, *, temperature: float =
     return jnp.pad(logps, ((0, 0), (1, 0)))
 
 
-def token_entropy(logits: jax.Array) -> jax.Array:
-    """Entropy of the next-token distribution predicting token t, aligned like :func:`token_logps`."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ent = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
-    return jnp.pad(ent, ((0, 0), (1, 0)))
-
-
 def sequence_logps(token_lp: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum over response tokens, number of response tokens) per row."""
     mask = loss_mask.astype(jnp.float32)

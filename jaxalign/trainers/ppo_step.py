@@ -30,15 +30,6 @@ class PolicyAndValue(nnx.Module):
     def config(self):
         return self.policy.config
 
-    @property
-    def remat(self) -> bool:
-        return self.policy.remat
-
-    @remat.setter
-    def remat(self, flag: bool) -> None:
-        self.policy.remat = bool(flag)
-        self.value.remat = bool(flag)
-
 
 def response_values(value_model: RewardModel, ids, mask, prompt_len: int):
     """The value before each response token: [B, C]."""

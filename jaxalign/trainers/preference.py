@@ -13,34 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxalign.config import DEFAULT_BETA
-from jaxalign.errors import ConfigError
-from jaxalign.losses import CPO_LOSS_TYPES, DPO_LOSS_TYPES, cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from jaxalign.data.batching import BatchIterator
+from jaxalign.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
+from jaxalign.losses.preference import LENGTH_AVERAGED, preference_loss_types
+from jaxalign.trainers.algorithm import OfflineAlgorithm
 from jaxalign.trainers.logprobs import mean_logits_on_labels, sequence_logps, token_logps
-
-PAIR_TYPES = ("dpo", "cpo", "simpo", "orpo")
-
-
-def parse_loss_types(cfg) -> tuple[tuple[str, ...], tuple[float, ...]]:
-    """--loss_type (comma or space separated) and --loss_weights, checked against the algorithm."""
-    kind = cfg.rlhf_type
-    raw = cfg.loss_type or "sigmoid"
-    types = tuple(t for t in raw.replace(",", " ").split() if t)
-    valid = DPO_LOSS_TYPES if kind == "dpo" else CPO_LOSS_TYPES
-    for t in types:
-        if t not in valid and not (kind == "dpo" and t == "sft"):
-            raise ConfigError(f"--loss_type {t!r} is not valid for {kind}; choose from {', '.join(valid)}")
-    if len(types) > 1 and kind != "dpo":
-        raise ConfigError(f"--loss_type: only dpo mixes several loss types, {kind} takes one")
-    if cfg.loss_weights:
-        weights = tuple(float(w) for w in cfg.loss_weights.replace(",", " ").split())
-        if len(weights) != len(types):
-            raise ConfigError(f"--loss_weights has {len(weights)} values for {len(types)} loss types; give one per type")
-    else:
-        weights = (1.0,) * len(types)
-    return types, weights
-
 
 def pair_forward(model, micro):
     """Chosen and rejected in one forward: (sum logps [2B], token counts [2B], mean label logits [2B],
@@ -54,28 +33,20 @@ def pair_forward(model, micro):
     return sums, counts, mean_logits_on_labels(logits, mask), tlp, mask
 
 
-@dataclasses.dataclass
-class PairPreference:
-    """One of dpo / cpo / simpo / orpo for :class:`jaxalign.trainers.loop.Trainer`."""
+class PairPreference(OfflineAlgorithm):
+    """``--rlhf_type dpo|cpo|simpo|orpo``: chosen and rejected of each row in one forward."""
 
-    cfg: object
-    ref_params: object = None  # frozen reference params (DPO, unless precomputed or reference-free)
+    curve_keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss")
 
-    def __post_init__(self):
-        cfg = self.cfg
-        self.task = cfg.rlhf_type
-        if self.task not in PAIR_TYPES:
-            raise ConfigError(f"--rlhf_type {self.task}: not a paired preference algorithm")
-        self.beta = cfg.beta if cfg.beta is not None else DEFAULT_BETA[self.task]
-        if self.task in ("dpo", "cpo"):
-            self.loss_types, self.loss_weights = parse_loss_types(cfg)
-        else:
-            self.loss_types, self.loss_weights = (self.task,), (1.0,)
-        self.nll_weight = {"dpo": cfg.rpo_alpha, "cpo": cfg.cpo_alpha, "simpo": cfg.cpo_alpha, "orpo": 1.0}[self.task]
+    def __init__(self, cfg):
+        self.name = cfg.rlhf_type
+        super().__init__(cfg)
+        self.beta = cfg.beta
+        self.loss_types, self.loss_weights = preference_loss_types(self.name, cfg.loss_type, cfg.loss_weights)
+        self.nll_weight = {"dpo": cfg.rpo_alpha, "cpo": cfg.cpo_alpha, "simpo": cfg.cpo_alpha, "orpo": 1.0}[self.name]
         # MPO: an "sft" entry in a DPO mixture adds the chosen NLL with its weight.
         self.nll_weight += sum(w for t, w in zip(self.loss_types, self.loss_weights) if t == "sft")
-        self.needs_reference = self.task == "dpo" and not cfg.reference_free
-        self.curve_keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss")
+        self.needs_reference = self.name == "dpo" and not cfg.reference_free
         self._graphdef = self._rest = None
         # bco_pair: the running mean of the rewards (TRL's RunningMoments), kept on the host and
         # fed to the step; updated after each step with that step's rewards (one step behind TRL).
@@ -83,22 +54,18 @@ class PairPreference:
         self.bco_mean, self.bco_count = 0.0, 0
         self._replicated = None
 
-    # ----- Trainer hooks ----------------------------------------------------------------
     def setup(self, trainer) -> None:
-        from jax.sharding import NamedSharding, PartitionSpec
-
         self._graphdef, self._rest = trainer.graphdef, trainer.rest
         self._replicated = NamedSharding(trainer.mesh, PartitionSpec())
-        self._rows_per_step = trainer.micro_batch * trainer.accum
-        if not self.needs_reference:
-            return
-        if self.ref_params is None:
-            self.ref_params = jax.tree.map(jnp.copy, trainer.state.params)  # the starting model, frozen
-        if self.cfg.precompute_ref_log_probs:
-            trainer.data.train = self.precompute(trainer, trainer.data.train)
-            trainer.data.val = self.precompute(trainer, trainer.data.val)
-            trainer.batches.examples = trainer.data.train
-            self.ref_params = None  # no reference params kept on device afterwards
+        self.rows_per_step = trainer.micro_batch * trainer.accum
+        if self.needs_reference:
+            self.freeze_start_as_reference(trainer)
+            if self.cfg.precompute_ref_log_probs:
+                trainer.data.train = self.precompute(trainer, trainer.data.train)
+                trainer.data.val = self.precompute(trainer, trainer.data.val)
+                trainer.batches.examples = trainer.data.train
+                self.ref_params = None  # no reference params kept on device afterwards
+        super().setup(trainer)
 
     def extra(self):
         if not self.uses_bco:
@@ -111,7 +78,7 @@ class PairPreference:
         if not self.uses_bco:
             return
         batch_mean = 0.5 * (float(metrics["rewards/chosen"]) + float(metrics["rewards/rejected"]))
-        n = 2 * self._rows_per_step
+        n = 2 * self.rows_per_step
         total = self.bco_count + n
         self.bco_mean = (self.bco_mean * self.bco_count + batch_mean * n) / total
         self.bco_count = total
@@ -132,7 +99,7 @@ class PairPreference:
         avg = sums / jnp.maximum(counts, 1.0)
         nll_sum = -jnp.sum(tlp[:b] * mask[:b])
         ref_sums = ref_avg = None
-        if self.task == "dpo" and not self.cfg.reference_free:
+        if self.name == "dpo" and not self.cfg.reference_free:
             if "ref_chosen_logps" in micro:
                 ref_sums = jnp.concatenate([micro["ref_chosen_logps"], micro["ref_rejected_logps"]])
             else:
@@ -162,14 +129,14 @@ class PairPreference:
     def _losses(self, sums, avg, ref_sums, ref_avg, b, bco_delta=0.0):
         cfg, beta = self.cfg, self.beta
         extra: dict = {}
-        if self.task == "dpo":
+        if self.name == "dpo":
             total = jnp.zeros((b,), jnp.float32)
             chosen_r = jnp.zeros((b,), jnp.float32)
             rejected_r = jnp.zeros((b,), jnp.float32)
             for t, w in zip(self.loss_types, self.loss_weights):
                 if t == "sft":  # counted in nll_weight
                     continue
-                pol, ref = (avg, ref_avg) if t == "ipo" else (sums, ref_sums)
+                pol, ref = (avg, ref_avg) if t in LENGTH_AVERAGED else (sums, ref_sums)
                 if ref is None:
                     ref = jnp.zeros_like(pol)
                 losses, cr, rr = dpo_loss(
@@ -179,12 +146,12 @@ class PairPreference:
                 )
                 total, chosen_r, rejected_r = total + w * losses, chosen_r + w * cr, rejected_r + w * rr
             return total, chosen_r, rejected_r, extra
-        if self.task == "cpo":
+        if self.name == "cpo":
             t = self.loss_types[0]
-            pol = avg if t == "ipo" else sums
+            pol = avg if t in LENGTH_AVERAGED else sums
             losses, cr, rr = cpo_loss(pol[:b], pol[b:], beta=beta, loss_type=t, label_smoothing=cfg.label_smoothing)
             return losses, cr, rr, extra
-        if self.task == "simpo":
+        if self.name == "simpo":
             losses, cr, rr = simpo_loss(avg[:b], avg[b:], beta=beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
             return losses, cr, rr, extra
         losses, cr, rr, ratio, chosen_odds = orpo_loss(avg[:b], avg[b:], beta=beta)
@@ -196,8 +163,6 @@ class PairPreference:
         """Attach the reference model's sequence log-probs to every example (one pass, fixed shapes)."""
         if not examples:
             return examples
-        from jaxalign.data.batching import BatchIterator
-
         graphdef, rest, ref = self._graphdef, self._rest, self.ref_params
 
         @jax.jit

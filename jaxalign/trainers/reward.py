@@ -7,13 +7,15 @@ scored in one concatenated forward; the math is :func:`jaxalign.losses.reward_lo
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax.numpy as jnp
 
+from jaxalign.convert.checkpoint_io import is_reward_checkpoint, load_checkpoint_model
+from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head, place_on_mesh, save_reward_model
 from jaxalign.losses.reward import reward_loss
 from jaxalign.models.value_head import RewardModel, new_reward_model
+from jaxalign.trainers.algorithm import OfflineAlgorithm
 
 
 def pair_scores(model: RewardModel, micro):
@@ -25,27 +27,20 @@ def pair_scores(model: RewardModel, micro):
     return s[:b], s[b:]
 
 
-@dataclasses.dataclass
-class RewardModelling:
-    """``--rlhf_type rm`` for :class:`jaxalign.trainers.loop.Trainer`."""
+class RewardModelling(OfflineAlgorithm):
+    """``--rlhf_type rm``: the backbone plus a value head, the head trained fully."""
 
-    cfg: object
+    name = "rm"
+    curve_keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_accuracy")
 
-    def __post_init__(self):
-        self.task = "rm"
-        self.needs_reference = False
-        self.center = self.cfg.get("center_rewards_coefficient")
-        self.curve_keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_accuracy")
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.center = cfg.get("center_rewards_coefficient")
 
-    # ----- Trainer hooks ----------------------------------------------------------------
-    def wrap_model(self, model, mesh=None) -> RewardModel:
+    def prepare_model(self, model, mesh, tokenizer) -> RewardModel:
         """The backbone plus a value head: the one saved beside --model, else a fresh seeded one."""
-        from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head, place_on_mesh
-
         if isinstance(model, RewardModel):
             return model
-        from jaxalign.trainers.checkpoint_model import is_reward_checkpoint, load_checkpoint_model
-
         src = Path(self.cfg.model) if self.cfg.get("model") else None
         if src is not None and is_reward_checkpoint(src):  # continue from an rm checkpoint: keep its head
             head = load_checkpoint_model(src, value_head=True).v_head
@@ -53,11 +48,7 @@ class RewardModelling:
         if src is not None and (src / VALUE_HEAD_FILE).is_file():
             head = place_on_mesh(load_value_head(src, model.config.hidden_size), mesh)
             return RewardModel(model, head)
-        rm = new_reward_model(model, seed=int(self.cfg.seed))
-        return place_on_mesh(rm, mesh)
-
-    def extra(self):
-        return None
+        return place_on_mesh(new_reward_model(model, seed=int(self.cfg.seed)), mesh)
 
     def totals_fn(self, batch):
         return {"rows": jnp.asarray(batch["chosen_input_ids"].shape[0] * batch["chosen_input_ids"].shape[1], jnp.float32)}
@@ -82,6 +73,4 @@ class RewardModelling:
 
     def export(self, trainer) -> None:
         """Backbone as a Hugging Face folder in output_dir, head as output_dir/value_head.safetensors."""
-        from jaxalign.convert.value_head_io import save_reward_model
-
         save_reward_model(trainer.model(), trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jaxalign.trainers.algorithm import OfflineAlgorithm
 from jaxalign.trainers.logprobs import token_logps
 
 
-class SFT:
-    """The SFT algorithm for :class:`jaxalign.trainers.loop.Trainer`."""
+class SFT(OfflineAlgorithm):
+    """``jaxalign sft``."""
 
-    task = "sft"
+    name = "sft"
     curve_keys = ("loss", "token_acc", "eval_loss")
 
     def totals_fn(self, batch):
@@ -25,6 +26,3 @@ class SFT:
         predicted = jnp.argmax(logits[:, :-1], axis=-1)
         correct = (predicted == micro["input_ids"][:, 1:]).astype(jnp.float32) * mask[:, 1:]
         return nll, {"token_acc": jnp.sum(correct) / totals["tokens"]}
-
-    def extra(self):
-        return None

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+
+from jaxalign.data.collate import left_pad
+from jaxalign.data.tokenizer import pad_id_of
+from jaxalign.demo.synthetic import exact_match
+from jaxalign.rollout import generate
 
 
 def render_prompts(tokenizer, rows: Sequence[dict[str, Any]]) -> list[list[int]]:
@@ -19,29 +25,16 @@ def render_prompts(tokenizer, rows: Sequence[dict[str, Any]]) -> list[list[int]]
     return out
 
 
-def left_pad(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.full((len(seqs), length), pad_id, np.int32)
-    mask = np.zeros((len(seqs), length), np.int32)
-    for i, s in enumerate(seqs):
-        s = list(s)[-length:]
-        ids[i, length - len(s):] = s
-        mask[i, length - len(s):] = 1
-    return ids, mask
-
-
 def sampled_completions(
     model, tokenizer, rows, *, max_new_tokens: int, temperature: float = 0.0, samples: int = 1, seed: int = 0,
     batch_size: int = 64,
 ) -> list[str]:
     """``samples`` completions per row (row-major; decoded, special tokens dropped) in fixed-shape batches:
     one compilation. ``temperature`` 0 is greedy."""
-    import jax
-
-    from jaxalign.rollout import generate
 
     prompts = [p for p in render_prompts(tokenizer, rows) for _ in range(samples)]
     length = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id_of(tokenizer)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -63,7 +56,6 @@ def greedy_completions(model, tokenizer, rows, *, max_new_tokens: int, batch_siz
 
 def exact_match_accuracy(model, tokenizer, rows, *, max_new_tokens: int, batch_size: int = 64) -> tuple[float, list[str]]:
     """Fraction of rows whose greedy completion equals the row's ``solution``; and the completions."""
-    from jaxalign.data.synthetic import exact_match
 
     texts = greedy_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
     hits = [exact_match(t, r["solution"]) for t, r in zip(texts, rows)]
@@ -74,7 +66,6 @@ def sampled_exact_match(
     model, tokenizer, rows, *, max_new_tokens: int, samples: int, temperature: float, seed: int = 0
 ) -> float:
     """Mean exact match of ``samples`` sampled completions per row: the expected exact-match reward."""
-    from jaxalign.data.synthetic import exact_match
 
     texts = sampled_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, temperature=temperature,
                                 samples=samples, seed=seed)

@@ -1,4 +1,4 @@
-"""Rebuild the trained model from a jaxalign checkpoint folder (for export, infer and chaining stages)."""
+"""Models out of jaxalign checkpoint folders (``output_dir/checkpoint-N``): parameters only, onto shardings."""
 
 from __future__ import annotations
 
@@ -11,12 +11,18 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
-from jaxalign.convert.hf_load import abstract_model
+from jaxalign.convert.hf_load import abstract_model, load_hf_model
 from jaxalign.errors import CheckpointError
 from jaxalign.models.config import config_from_hf
 from jaxalign.models.value_head import RewardModel, ValueHead
 from jaxalign.parallel.rules import param_shardings
-from jaxalign.trainers.checkpoint import read_meta
+
+
+def read_meta(path: str | Path) -> dict:
+    """The JSON metadata of a checkpoint (step, data position, config, model config)."""
+    ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    out = ckptr.restore(Path(path).absolute(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return dict(out["meta"])
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -57,6 +63,12 @@ def load_checkpoint_model(path: str | Path, *, dtype: str = "float32", value_hea
     return model
 
 
+def _param_names(keys) -> tuple[str, ...]:
+    """A saved leaf's path as parameter names (nnx Variables are saved as ``{"value": array}``)."""
+    names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
+    return names[:-1] if names and names[-1] == "value" else names
+
+
 def restore_params(path: Path, params: nnx.State, mesh=None) -> dict:
     """The ``params`` subtree of a checkpoint's train state as a pure dict shaped like ``params``
     (abstract), each array restored onto its sharding."""
@@ -68,8 +80,7 @@ def restore_params(path: Path, params: nnx.State, mesh=None) -> dict:
     found = {}
 
     def target(keys, leaf):
-        names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
-        names = names[:-1] if names and names[-1] == "value" else names  # nnx Variables are saved as {"value": array}
+        names = _param_names(keys)
         if names not in wanted:
             raise CheckpointError(f"{path}: parameter {'/'.join(names)} is not part of this model; the checkpoint "
                                   "and its meta do not match")
@@ -90,10 +101,8 @@ def restore_params(path: Path, params: nnx.State, mesh=None) -> dict:
     pure: dict = {}
 
     def collect(keys, value):
-        names = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in keys)
-        names = names[:-1] if names and names[-1] == "value" else names
         node = pure
-        key = found[names]
+        key = found[_param_names(keys)]
         for k in key[:-1]:
             node = node.setdefault(k, {})
         node[key[-1]] = value
@@ -106,6 +115,4 @@ def load_any_model(path: str | Path, *, dtype: str = "float32", mesh=None):
     """A Hugging Face folder or a jaxalign checkpoint folder, whichever ``path`` is."""
     if is_checkpoint(path):
         return load_checkpoint_model(path, dtype=dtype, mesh=mesh)
-    from jaxalign.convert import load_hf_model
-
     return load_hf_model(path, dtype=dtype, mesh=mesh)

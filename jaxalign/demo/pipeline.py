@@ -18,8 +18,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxalign.demo_figure import plot_demo
+from jaxalign.config import resolve
+from jaxalign.convert import load_hf_model, save_hf_model
+from jaxalign.data.tokenizer import load_tokenizer
+from jaxalign.demo.evaluation import exact_match_accuracy, greedy_completions, render_prompts, sampled_exact_match
+from jaxalign.demo.figure import plot_demo
+from jaxalign.demo.synthetic import (
+    carries,
+    exact_match,
+    forgot_carry,
+    make_addition_rows,
+    make_preference_rows,
+    make_prompt_rows,
+)
+from jaxalign.demo.tiny_model import llama_config, random_model
+from jaxalign.demo.tiny_tokenizer import build_char_tokenizer
 from jaxalign.errors import ConfigError
+from jaxalign.rewards.model_reward import RewardModelReward
+from jaxalign.trainers.run import build_trainer
 
 DIGITS = (1, 2)
 MAX_NEW_TOKENS = 8
@@ -47,7 +63,6 @@ def prepare_output_dir(out: Path) -> None:
 
 def carry_slips(rows, completions) -> float:
     """Of the held-out sums whose units column carries, the fraction answered with the carry forgotten."""
-    from jaxalign.data.synthetic import carries, exact_match, forgot_carry
 
     said = [(r, c) for r, c in zip(rows, completions) if carries(r["messages"][0]["content"])]
     slips = [exact_match(c, forgot_carry(r["messages"][0]["content"])) for r, c in said]
@@ -56,9 +71,6 @@ def carry_slips(rows, completions) -> float:
 
 def build_base(out: Path, seed: int):
     """The embedded tokenizer and tiny random Llama, saved as a Hugging Face folder."""
-    from jaxalign.convert import save_hf_model
-    from jaxalign.data import build_char_tokenizer
-    from jaxalign.models.factory import llama_config, random_model
 
     tok = build_char_tokenizer()
     cfg = llama_config(
@@ -83,10 +95,6 @@ def stage_options(**overrides) -> dict[str, Any]:
 
 def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, seed, options, *, sft=None):
     """Train ``kind`` (dpo or rm) from the SFT model; report held-out preference accuracy."""
-    from jaxalign.commands.rlhf import build_algorithm
-    from jaxalign.config import resolve
-    from jaxalign.evaluation import exact_match_accuracy
-    from jaxalign.trainers.run import build_trainer, finish
 
     cfg = resolve("rlhf", None, {
         "rlhf_type": kind, "model": str(out / "sft"), "dataset": train_file, "val_dataset": heldout_file,
@@ -95,10 +103,10 @@ def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, s
         **options,
     })
     t0 = time.time()
-    trainer = build_trainer(cfg, build_algorithm(cfg), quiet=True)
+    trainer = build_trainer(cfg, quiet=True)
     before = trainer.eval_metrics()
-    trainer.history = trainer.train()
-    finish(trainer)
+    trainer.train()
+    trainer.export()
     evals = [r for r in trainer.history if any(k.startswith("eval_") for k in r)]
     key = "eval_rewards/accuracies" if kind != "rm" else "eval_accuracy"
     result = {
@@ -109,7 +117,7 @@ def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, s
         "compilations": trainer.counter.count,
     }
     if kind == "dpo":
-        acc, said = exact_match_accuracy(trainer.model(), trainer.tokenizer, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+        acc, said = exact_match_accuracy(trainer.policy(), trainer.tokenizer, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
         result.update(heldout_exact_match_before=sft["heldout_exact_match_after"], heldout_exact_match_after=acc,
                       heldout_carry_slips_before=sft["heldout_carry_slips_after"],
                       heldout_carry_slips_after=carry_slips(heldout_rows, said))
@@ -118,8 +126,6 @@ def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, s
 
 def rm_scores(rm_path: Path, tokenizer, rows, completions) -> float:
     """Mean score the reward model gives to (prompt, completion) pairs."""
-    from jaxalign.evaluation import render_prompts
-    from jaxalign.rewards.model_reward import RewardModelReward
 
     _, reward = RewardModelReward.from_path(rm_path, tokenizer)
     prompts = render_prompts(tokenizer, rows)
@@ -130,9 +136,6 @@ def rm_scores(rm_path: Path, tokenizer, rows, completions) -> float:
 
 def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, options=None):
     """GRPO (exact-match reward) or PPO (the demo's reward model) from the SFT model."""
-    from jaxalign.config import resolve
-    from jaxalign.evaluation import exact_match_accuracy, greedy_completions, sampled_exact_match
-    from jaxalign.trainers.run import build_grpo_trainer, build_ppo_trainer, finish, load_tokenizer
 
     common = {
         "rlhf_type": kind, "model": str(out / "sft"), "dataset": prompt_file, "output_dir": str(out / kind),
@@ -149,12 +152,10 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, opti
     tok = load_tokenizer(out / "sft")
     result: dict[str, Any] = {"steps": steps}
     if kind == "ppo":
-        from jaxalign.convert import load_hf_model
-
         before = greedy_completions(load_hf_model(out / "sft"), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
         result["heldout_rm_score_before"] = rm_scores(out / "rm", tok, heldout_rows, before)
     t0 = time.time()
-    trainer = build_grpo_trainer(cfg, quiet=True) if kind == "grpo" else build_ppo_trainer(cfg, quiet=True)
+    trainer = build_trainer(cfg, quiet=True)
     if kind == "grpo":
         # The policy's expected reward on the first PROBE_PROMPTS training prompts (8 samples each at the
         # training temperature): the logged `reward` is noisier, each window drawing different prompts.
@@ -162,16 +163,13 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, opti
             probe = [json.loads(line) for _, line in zip(range(PROBE_PROMPTS), f)]
 
         def probe_reward():
-            return sampled_exact_match(trainer.model(), tok, probe, max_new_tokens=MAX_NEW_TOKENS, samples=8,
+            return sampled_exact_match(trainer.policy(), tok, probe, max_new_tokens=MAX_NEW_TOKENS, samples=8,
                                        temperature=cfg.temperature, seed=seed)
 
         result["train_prompts_sampled_reward_before"] = probe_reward()
-    trainer.history = trainer.train()
-    if kind == "grpo":
-        finish(trainer)
-    else:
-        trainer.export()
-    acc, completions = exact_match_accuracy(trainer.model(), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+    trainer.train()
+    trainer.export()
+    acc, completions = exact_match_accuracy(trainer.policy(), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
     result.update(seconds=round(time.time() - t0, 1), heldout_exact_match_before=sft["heldout_exact_match_after"],
                   heldout_exact_match_after=acc, heldout_carry_slips_before=sft["heldout_carry_slips_after"],
                   heldout_carry_slips_after=carry_slips(heldout_rows, completions), compilations=trainer.counter.count)
@@ -190,11 +188,6 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, opti
 def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_steps: int = 100, rm_steps: int = 200,
              grpo_steps: int = 40, ppo_steps: int = 20, seed: int = 0, heldout: int = 200) -> dict:
     """Run every demo stage; return (and write) the summary."""
-    from jaxalign.config import resolve
-    from jaxalign.data import make_addition_rows, make_preference_rows, make_prompt_rows
-    from jaxalign.evaluation import exact_match_accuracy
-    from jaxalign.trainers.run import build_trainer, finish
-    from jaxalign.trainers.sft import SFT
 
     out = Path(output_dir)
     prepare_output_dir(out)
@@ -221,11 +214,11 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_step
         **stage_options(eval_steps=max(sft_steps // 4, 1)),
     })
     t0 = time.time()
-    trainer = build_trainer(cfg, SFT(), quiet=True)
+    trainer = build_trainer(cfg, quiet=True)
     loss_before = trainer.eval_metrics().get("eval_loss")
-    trainer.history = trainer.train()
-    finish(trainer)
-    acc_after, samples = exact_match_accuracy(trainer.model(), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+    trainer.train()
+    trainer.export()
+    acc_after, samples = exact_match_accuracy(trainer.policy(), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
     evals = [r for r in trainer.history if "eval_loss" in r]
     summary["sft"] = {
         "steps": sft_steps,

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from jaxalign.errors import ConfigError
+from jaxalign.rewards.exact_match import exact_match, extract_answer  # noqa: F401 - the demo's answer check
 
 Digits = int | tuple[int, int]
 
@@ -139,21 +140,3 @@ def make_kto_rows(
         reply = a if good else near_miss(a, rng)
         rows.append({"messages": _conversation(p, reply, system), "label": good, "solution": a})
     return rows
-
-
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def extract_answer(pred: str) -> str:
-    """The text inside ``<answer>...</answer>`` if present, else ``pred``; stripped."""
-    m = _ANSWER_TAG.search(pred)
-    return (m.group(1) if m else pred).strip()
-
-
-def exact_match(pred: str, solution: str) -> bool:
-    """True when the completion's answer equals ``solution`` (whitespace and an
-    ``<answer>`` wrapper ignored; a trailing ``<|im_end|>``/``<|endoftext|>`` too)."""
-    text = pred
-    for stop in ("<|im_end|>", "<|endoftext|>"):
-        text = text.split(stop)[0]
-    return extract_answer(text) == str(solution).strip()

@@ -1,0 +1,158 @@
+"""Defaults for the :class:`jaxalign.trainers.trainer.Algorithm` protocol, and its two families.
+
+:class:`AlgorithmBase` holds what most algorithms share (no extra models, a plain export);
+:class:`OfflineAlgorithm` adds what every dataset-driven one does (SFT, DPO and kin, KTO, RM):
+each step stacks ``gradient_accumulation_steps`` micro-batches from the data, and evaluation on
+``--val_dataset`` is a hook every ``--eval_steps``. :class:`RolloutAlgorithm` (GRPO, PPO) samples
+its batches from the policy with the sampler, counting generations so a resumed run draws the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxalign.algorithms import spec_of
+from jaxalign.convert import load_any_model, save_hf_model
+from jaxalign.data.batching import stack_micro_batches
+from jaxalign.data.tokenizer import stop_token_ids
+from jaxalign.errors import ConfigError
+from jaxalign.rollout import generate
+
+
+class AlgorithmBase:
+    """Defaults: the policy is the trained module, exported as a Hugging Face folder."""
+
+    name = "base"
+    curve_keys: tuple[str, ...] = ("loss",)
+    progress_keys: tuple[str, ...] = ("loss",)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.spec = spec_of(self.name)
+        self.ref_params = None
+
+    def prepare_model(self, model: nnx.Module, mesh, tokenizer) -> nnx.Module:
+        """The module to train, built around the loaded model; loads ``--ref_model`` when the
+        algorithm has a reference and one is given."""
+        if self.spec.reference != "none" and self.cfg.get("ref_model"):
+            ref = load_any_model(self.cfg.ref_model, dtype=self.cfg.torch_dtype, mesh=mesh)
+            if ref.config.vocab_size != model.config.vocab_size:
+                raise ConfigError(f"--ref_model {self.cfg.ref_model}: vocabulary {ref.config.vocab_size} differs from "
+                                  f"the model's {model.config.vocab_size}")
+            self.ref_params = nnx.state(ref, nnx.Param)
+        return model
+
+    def default_accumulation(self, micro_batch: int) -> int:
+        return 1
+
+    def steps_for(self, per_epoch: int) -> int:
+        """``--max_steps``, else ``--num_train_epochs`` passes of ``per_epoch`` steps."""
+        if self.cfg.max_steps and self.cfg.max_steps > 0:
+            return int(self.cfg.max_steps)
+        return max(1, int(math.ceil(self.cfg.num_train_epochs * per_epoch)))
+
+    def optimizer_steps(self, total_steps: int) -> int:
+        return total_steps
+
+    def setup(self, trainer) -> None:
+        pass
+
+    def freeze_start_as_reference(self, trainer) -> None:
+        """The starting params, copied and frozen, as the reference (unless ``--ref_model`` gave one)."""
+        if self.ref_params is None:
+            self.ref_params = jax.tree.map(jnp.copy, trainer.state.params)
+
+    def extra(self):
+        return self.ref_params
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def policy(self, module: nnx.Module) -> nnx.Module:
+        return module
+
+    def export(self, trainer) -> None:
+        save_hf_model(trainer.policy(), trainer.out, tokenizer=trainer.tokenizer, overwrite=True)
+
+
+class OfflineAlgorithm(AlgorithmBase):
+    """Trains on the dataset's rows: one optimizer step per ``gradient_accumulation_steps`` micro-batches."""
+
+    def default_accumulation(self, micro_batch: int) -> int:
+        # ms-swift: enough micro-batches for a total batch of at least 16 rows.
+        return max(1, math.ceil(16 / micro_batch))
+
+    def rows_per_batch(self, trainer) -> int:
+        return trainer.micro_batch
+
+    def total_steps(self, trainer) -> int:
+        per_epoch = len(trainer.batches) // trainer.accum
+        if per_epoch == 0 and not (self.cfg.max_steps and self.cfg.max_steps > 0):
+            raise ConfigError(
+                f"{len(trainer.batches)} micro-batches per epoch cannot fill one step of {trainer.accum}; "
+                "lower --gradient_accumulation_steps or --per_device_train_batch_size, or add data"
+            )
+        return self.steps_for(per_epoch)
+
+    def setup(self, trainer) -> None:
+        if trainer.data.val:
+            trainer.add_hook(lambda tr, step: tr.eval_metrics(), every=self.cfg.eval_steps or self.cfg.save_steps)
+
+    def next_batch(self, trainer) -> list[dict]:
+        """The next optimizer step's micro-batches from the data."""
+        return [next(trainer.batches) for _ in range(trainer.accum)]
+
+    def next_step_batch(self, trainer) -> dict:
+        """The next optimizer step's micro-batches stacked into [A, B, ...] arrays (for ``train_step``)."""
+        return stack_micro_batches(self.next_batch(trainer), trainer.pad_id)
+
+    def run_step(self, trainer) -> dict[str, float]:
+        micros = self.next_batch(trainer)
+        metrics = trainer.step_on(micros)
+        self.after_step(metrics)
+        tokens = sum(float(v.sum()) for m in micros for k, v in m.items() if k.endswith("attention_mask"))
+        return {**metrics, "num_tokens": tokens}
+
+    def after_step(self, metrics: dict[str, float]) -> None:
+        pass
+
+
+class RolloutAlgorithm(AlgorithmBase):
+    """Learns from completions the policy samples: one sampler call per generation, each with its own
+    random draw (``--seed`` and the generation count, which checkpoints carry)."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.generation = 0
+        self.rng = jax.random.key(cfg.seed + 1)
+
+    def setup(self, trainer) -> None:
+        self.stop_ids = stop_token_ids(trainer.tokenizer, trainer.model_config)
+
+    def sample(self, trainer, prompt_ids, prompt_mask, *, n: int = 1, greedy: bool = False) -> dict[str, np.ndarray]:
+        """``n`` completions per prompt from the current policy: tokens, their log-probs, masks, lengths and
+        whether each finished (host arrays)."""
+        cfg = self.cfg
+        rng = jax.random.fold_in(self.rng, self.generation)
+        self.generation += 1
+        roll = generate(
+            trainer.policy(), prompt_ids, prompt_mask, max_new_tokens=cfg.max_completion_length,
+            temperature=0.0 if greedy else cfg.temperature, top_k=max(cfg.top_k, 0), top_p=cfg.top_p,
+            repetition_penalty=cfg.repetition_penalty, stop_token_ids=self.stop_ids, rng=rng,
+            num_return_sequences=n, pad_token_id=trainer.pad_id, mesh=trainer.mesh,
+        )
+        return {name: np.array(getattr(roll, name)) for name in ("tokens", "logps", "mask", "lengths", "finished")}
+
+    def state_dict(self) -> dict:
+        return {"generation": self.generation}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generation = int(state.get("generation", 0))

@@ -1,0 +1,240 @@
+"""The one training loop: state, optimizer, compiled step, resume, logs, checkpoints, hooks, export.
+
+Every algorithm (SFT, the preference family, KTO, RM, GRPO, PPO) runs through :class:`Trainer`.
+The algorithm supplies the loss (``loss_fn``/``totals_fn``/``extra``) and ``run_step``, which
+produces the next logged step's metrics by feeding one or more batches to
+:meth:`Trainer.train_step` — from the data (offline), or from a rollout (GRPO, PPO). Evaluation and
+sample logging are hooks with an interval (:meth:`Trainer.add_hook`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import jax
+import numpy as np
+from flax import nnx
+
+from jaxalign.data.batching import BatchIterator, make_buckets, parse_buckets, stack_micro_batches
+from jaxalign.data.tokenizer import pad_id_of
+from jaxalign.errors import TrainingDiverged
+from jaxalign.models.decoder import set_remat
+from jaxalign.convert.checkpoint_io import read_meta
+from jaxalign.trainers.checkpoint import CheckpointWriter, resolve_resume, restore_state, run_meta, write_run_files
+from jaxalign.trainers.logging import MetricsLogger
+from jaxalign.trainers.optim import build_optimizer
+from jaxalign.trainers.step import (
+    CompileCounter,
+    accumulation_sharding,
+    build_eval_step,
+    build_train_step,
+    create_train_state,
+    split_model,
+    state_shardings,
+)
+
+# Logged as the window's last value rather than its mean.
+LAST_VALUE_KEYS = ("learning_rate", "lr", "episode")
+
+
+class Algorithm(Protocol):
+    """What the Trainer asks of an algorithm; :class:`jaxalign.trainers.algorithm.AlgorithmBase`
+    gives the defaults."""
+
+    name: str  # the rlhf_type ("sft" for SFT): its registry entry and data kind
+    curve_keys: tuple[str, ...]  # curves.png panels
+    progress_keys: tuple[str, ...]  # shown on the progress bar
+
+    def prepare_model(self, model: nnx.Module, mesh, tokenizer) -> nnx.Module: ...
+    def default_accumulation(self, micro_batch: int) -> int: ...
+    def rows_per_batch(self, trainer: "Trainer") -> int: ...
+    def total_steps(self, trainer: "Trainer") -> int: ...
+    def optimizer_steps(self, total_steps: int) -> int: ...
+    def setup(self, trainer: "Trainer") -> None: ...
+    def run_step(self, trainer: "Trainer") -> dict[str, float]: ...
+    def loss_fn(self, model, micro: dict, totals: dict, extra: Any, rng) -> tuple[Any, dict]: ...
+    def totals_fn(self, batch: dict) -> dict: ...
+    def extra(self) -> Any: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def policy(self, module: nnx.Module) -> nnx.Module: ...
+    def export(self, trainer: "Trainer") -> None: ...
+
+
+@dataclasses.dataclass
+class Hook:
+    """``fn(trainer, step) -> metrics or None`` every ``every`` steps (and at the last or first step)."""
+
+    fn: Callable[["Trainer", int], dict | None]
+    every: int
+    at_end: bool = True
+    at_start: bool = False
+
+    def due(self, step: int, total: int) -> bool:
+        return step % self.every == 0 or (self.at_end and step == total) or (self.at_start and step == 1)
+
+
+class Trainer:
+    """Runs one algorithm from a loaded model and prepared data to checkpoints and an export."""
+
+    def __init__(self, cfg, algorithm: Algorithm, model: nnx.Module, tokenizer, data, mesh):
+        self.cfg, self.algo, self.tokenizer, self.data, self.mesh = cfg, algorithm, tokenizer, data, mesh
+        self.out = Path(cfg.output_dir)
+        self.main_process = jax.process_index() == 0
+        self.pad_id = pad_id_of(tokenizer)
+        self.model_config = model.config
+        set_remat(model, cfg.gradient_checkpointing)
+        self.graphdef, params, self.rest = split_model(model)
+        dp = mesh.shape["data"] * mesh.shape["fsdp"]
+        self.data_parallel = dp
+        self.micro_batch = cfg.per_device_train_batch_size * dp
+        self.eval_batch = cfg.per_device_eval_batch_size * dp
+        self.accum = cfg.gradient_accumulation_steps or algorithm.default_accumulation(self.micro_batch)
+        self.buckets = make_buckets(cfg.max_length, buckets=parse_buckets(cfg.length_buckets))
+        self.batches = BatchIterator(data.train, algorithm.rows_per_batch(self), self.buckets, seed=cfg.data_seed,
+                                     pad_id=self.pad_id)
+        self.total_steps = algorithm.total_steps(self)
+        self.optimizer, self.schedule = build_optimizer(cfg, algorithm.optimizer_steps(self.total_steps))
+        self.state = create_train_state(params, self.optimizer, mesh, cfg.seed)
+        self.counter = CompileCounter()
+        self.eval_counter = CompileCounter()
+        self.hooks: list[Hook] = []
+        self.history: list[dict] = []
+        self.step_fn = None
+        self.eval_fn = None
+        algorithm.setup(self)
+
+    def add_hook(self, fn: Callable[["Trainer", int], dict | None], every: int, *, at_end: bool = True,
+                 at_start: bool = False) -> None:
+        """Call ``fn(trainer, step)`` every ``every`` steps; a returned dict is logged at that step."""
+        self.hooks.append(Hook(fn, max(int(every), 1), at_end, at_start))
+
+    # ----- compiled functions -------------------------------------------------------------
+    def _batch_shardings(self, batch: dict):
+        return {k: accumulation_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on a stacked [A, B, ...] numpy batch; returns device metrics."""
+        extra = self.algo.extra()
+        shardings = self._batch_shardings(batch)
+        if self.step_fn is None:
+            fn = build_train_step(self.graphdef, self.rest, self.algo.loss_fn, self.algo.totals_fn, self.optimizer,
+                                  self.schedule, counter=self.counter)
+            sh = state_shardings(self.state)
+            self.step_fn = jax.jit(fn, in_shardings=(sh, shardings, jax.tree.map(lambda x: x.sharding, extra)),
+                                    out_shardings=(sh, None), donate_argnums=(0,))
+        self.state, metrics = self.step_fn(self.state, jax.device_put(batch, shardings), extra)
+        return metrics
+
+    def step_on(self, batches: list[dict]) -> dict[str, float]:
+        """One optimizer step on micro-batches (stacked, padded to the longest); host float metrics."""
+        metrics = jax.device_get(self.train_step(stack_micro_batches(batches, self.pad_id)))
+        return {k: float(v) for k, v in metrics.items()}
+
+    def eval_metrics(self) -> dict[str, float]:
+        """Mean metrics over the validation set (full batches only), prefixed ``eval_``."""
+        if not self.data.val:
+            return {}
+        it = BatchIterator(self.data.val, self.eval_batch, self.buckets, seed=0, pad_id=self.pad_id, drop_last=False)
+        extra = self.algo.extra()
+        if self.eval_fn is None:
+            fn = build_eval_step(self.graphdef, self.rest, self.algo.loss_fn, self.algo.totals_fn)
+
+            def counted(params, batch, extra):
+                self.eval_counter.tick()
+                return fn(params, batch, extra)
+
+            self.eval_fn = jax.jit(counted)
+        sums: dict[str, float] = {}
+        n = 0
+        for idx in it.epoch_plan(0):
+            if len(idx) != self.eval_batch:
+                continue
+            batch = stack_micro_batches([it.make_batch(idx)], self.pad_id)
+            m = jax.device_get(self.eval_fn(self.state.params, jax.device_put(batch, self._batch_shardings(batch)), extra))
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        return {f"eval_{k}": v / n for k, v in sums.items()} if n else {}
+
+    # ----- the loop ---------------------------------------------------------------------
+    def resume(self, spec: str) -> int:
+        path = resolve_resume(spec, self.out)
+        meta = read_meta(path)
+        self.state = restore_state(path, self.state)
+        self.batches.restore(meta["data_state"])
+        self.algo.load_state_dict(meta)
+        return int(meta["step"])
+
+    def _meta(self, step: int) -> dict:
+        return run_meta(step, self.batches, self.cfg, self.model_config, self.algo.name, **self.algo.state_dict())
+
+    def _check_finite(self, step: int, metrics: dict, last_saved: int) -> None:
+        """A non-finite loss or gradient norm means this step's update already poisoned the params."""
+        loss, grad_norm = metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = f"checkpoint-{last_saved}" if last_saved else "none"
+            raise TrainingDiverged(f"step {step}: loss is {loss}, grad_norm is {grad_norm}; stopped without saving "
+                                   f"(last good checkpoint: {last}); lower --learning_rate")
+
+    def _window_row(self, window: list[dict], seconds: float) -> dict:
+        keys = [k for k in window[0] if k != "num_tokens"]
+        row = {k: (window[-1][k] if k in LAST_VALUE_KEYS else float(np.mean([w[k] for w in window if k in w])))
+               for k in keys}
+        tokens = sum(w.get("num_tokens", 0.0) for w in window)
+        if tokens:
+            row["tokens_per_second"] = round(tokens / seconds, 2) if seconds > 0 else 0.0
+        row["epoch"] = round(self.batches.epoch + self.batches.position / max(len(self.batches), 1), 4)
+        row["seconds_per_step"] = round(seconds / len(window), 4)
+        row["compilations"] = self.counter.count
+        return row
+
+    def train(self) -> list[dict]:
+        """Run to ``total_steps`` (from a checkpoint with ``--resume_from_checkpoint``); returns the log rows."""
+        cfg = self.cfg
+        write_run_files(self.out, self.tokenizer, cfg)
+        start = self.resume(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else 0
+        logger = MetricsLogger(self.out, self.total_steps, report_to=cfg.report_to, initial_step=start)
+        writer = CheckpointWriter(self.out, cfg.save_total_limit)
+        window: list[dict] = []
+        t0 = time.time()
+        last_saved = start
+        try:
+            for step in range(start + 1, self.total_steps + 1):
+                metrics = self.algo.run_step(self)
+                self._check_finite(step, metrics, last_saved)
+                window.append(metrics)
+                logger.advance(1, {k: metrics[k] for k in self.algo.progress_keys if k in metrics})
+                if step % cfg.logging_steps == 0 or step == self.total_steps:
+                    logger.log(step, self._window_row(window, time.time() - t0))
+                    window, t0 = [], time.time()
+                for hook in self.hooks:
+                    if hook.due(step, self.total_steps):
+                        row = hook.fn(self, step)
+                        if row:
+                            logger.log(step, row)
+                if step % cfg.save_steps == 0 or step == self.total_steps:
+                    writer.save(step, self.state, self._meta(step))
+                    last_saved = step
+        finally:
+            writer.close()
+            logger.close(self.algo.curve_keys)
+        self.history = logger.history
+        return self.history
+
+    # ----- the result -------------------------------------------------------------------
+    def model(self) -> nnx.Module:
+        """The trained module as it is now (shares the train state's arrays)."""
+        return nnx.merge(self.graphdef, self.state.params, self.rest)
+
+    def policy(self) -> nnx.Module:
+        """The language model being trained (PPO's policy without its value model; RM's whole model)."""
+        return self.algo.policy(self.model())
+
+    def export(self) -> None:
+        """The trained model as a Hugging Face folder in output_dir (what the algorithm saves beside it)."""
+        self.algo.export(self)
