@@ -13,6 +13,7 @@ from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import ConfigError
 from jaxalign.parallel import initialize_distributed, run_mesh
 from jaxalign.trainers.trainer import Trainer
+from jaxalign.trainers.tuner import apply_tuner
 
 
 def load_data(cfg, task: str, tokenizer, *, quiet: bool = False):
@@ -51,7 +52,7 @@ def build_trainer(cfg, algorithm=None, *, quiet: bool = False) -> Trainer:
     mesh, tokenizer = run_mesh(cfg.mesh), load_tokenizer(cfg.model)
     data = load_data(cfg, algorithm.name, tokenizer, quiet=quiet)
     model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
-    model = algorithm.prepare_model(model, mesh, tokenizer)
+    model = apply_tuner(cfg, algorithm, algorithm.prepare_model(model, mesh, tokenizer))
     return Trainer(cfg, algorithm, model, tokenizer, data, mesh)
 
 
