@@ -149,20 +149,18 @@ def test_lora_dpo_step0_equals_full_dpo_and_reference_is_the_base(env, tmp_path)
 
 
 def test_adapters_start_and_ref_adapters(env, tmp_path):
-    """--adapters continues a saved adapter (step 1 sees its logps); --ref_adapters with the same folder makes
-    the reference equal the policy at step 1 (rewards exactly 0)."""
+    """--adapters continues a saved adapter (the policy is base + adapter, the reference the base, so the rewards
+    move at step 1); --ref_adapters with the same folder makes the reference equal the policy (rewards 0)."""
     model = load_hf_model(env["base"])
     settings = LoRASettings(rank=8, alpha=32.0, dropout=0.0, init_lora_weights=False)
     add_lora(model, settings, seed=3)
     save_adapter(model, tmp_path / "sft_adapter", settings=settings, base_model=env["base"])
     folder = str(tmp_path / "sft_adapter")
-    plain = dpo_trainer(env, tmp_path / "a", tuner_type="lora", lora_dropout=0.0)
     cont = dpo_trainer(env, tmp_path / "b", tuner_type="lora", adapters=folder)  # its config: dropout 0
     same_ref = dpo_trainer(env, tmp_path / "c", tuner_type="lora", adapters=folder, ref_adapters=folder)
-    batch = plain.algo.next_step_batch(plain)
-    m_plain, m_cont, m_same = (jax.device_get(t.train_step(batch)) for t in (plain, cont, same_ref))
-    assert abs(float(m_cont["logps/chosen"]) - float(m_plain["logps/chosen"])) > 1e-3
-    assert abs(float(m_cont["rewards/margins"])) > 1e-4  # policy = base + adapter, reference = base
+    batch = cont.algo.next_step_batch(cont)
+    m_cont, m_same = (jax.device_get(t.train_step(batch)) for t in (cont, same_ref))
+    assert abs(float(m_cont["rewards/chosen"])) > 1e-4 and abs(float(m_cont["rewards/rejected"])) > 1e-4
     assert float(m_same["rewards/chosen"]) == pytest.approx(0.0, abs=1e-6)
     assert float(m_same["rewards/rejected"]) == pytest.approx(0.0, abs=1e-6)
     assert float(m_same["logps/chosen"]) == pytest.approx(float(m_cont["logps/chosen"]), rel=1e-6)
@@ -180,29 +178,45 @@ def lora_command(kind, env, out, rm_dir=None):
     return ["rlhf", "--rlhf_type", kind, *args, *extra]
 
 
-@pytest.mark.parametrize("kind", ["sft", "orpo", "kto", "rm", "grpo", "ppo"])
-def test_every_algorithm_trains_lora_and_exports_a_peft_adapter(kind, env, tmp_path, capsys):
-    rm_dir = None
-    if kind == "ppo":  # a LoRA reward model as PPO's reward and value model start (merged)
-        assert main(lora_command("rm", env, tmp_path / "rm")) == 0
-        rm_dir = tmp_path / "rm_merged"
-        assert main(["export", "--adapters", str(tmp_path / "rm"), "--merge_lora", "true",
-                     "--output_dir", str(rm_dir)]) == 0
+@pytest.fixture(scope="module")
+def reward_model_dir(env):
+    """A value-head reward model on the base (PPO's reward model and value-model start)."""
+    from transformers import AutoTokenizer
+
+    from jaxalign.convert.value_head_io import save_reward_model
+    from jaxalign.models.value_head import RewardModel, ValueHead
+
+    backbone = load_hf_model(env["base"])
+    rm = RewardModel(backbone, ValueHead(backbone.config.hidden_size, rngs=nnx.Rngs(3)))
+    return save_reward_model(rm, env["root"] / "rm", tokenizer=AutoTokenizer.from_pretrained(env["base"]))
+
+
+# DPO's path is tested above (step 0, reference, --adapters); CPO, SimPO and ORPO share it without a reference.
+@pytest.mark.parametrize("kind", ["sft", "kto", "rm", "grpo", "ppo"])
+def test_every_algorithm_trains_lora_and_exports_a_peft_adapter(kind, env, reward_model_dir, tmp_path, capsys):
     out = tmp_path / kind
-    rc = main(lora_command(kind, env, out, rm_dir))
+    rc = main(lora_command(kind, env, out, reward_model_dir))
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-2000:]
     assert "trainable params:" in captured.out
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     peft_model = peft.PeftModel.from_pretrained(hf_base(env["base"]), str(out)).eval()
     assert np.isfinite(torch_logits(peft_model)).all()
-    if kind == "rm":
+    if kind == "rm":  # the head beside the adapter; merged, a value-head reward model folder
         assert (out / "value_head.safetensors").is_file()
+        assert main(["export", "--adapters", str(out), "--merge_lora", "true", "--output_dir", str(tmp_path / "m")]) == 0
+        assert (tmp_path / "m" / "value_head.safetensors").is_file() and (tmp_path / "m" / "config.json").is_file()
     if kind == "ppo":
         assert (out / "value_model" / "adapter_model.safetensors").is_file()
         assert (out / "value_model" / "value_head.safetensors").is_file()
     # the checkpoint holds the trainable state only, and exports to the same adapter
     ckpt = out / "checkpoint-1"
+    if kind == "sft":  # and a LoRA run resumes from it
+        args = lora_command(kind, env, out)
+        args[args.index("--max_steps") + 1] = "2"
+        assert main([*args, "--resume_from_checkpoint", "latest"]) == 0
+        assert (out / "checkpoint-2").is_dir()
+        ckpt = out / "checkpoint-2"
     if kind != "ppo":
         assert main(["export", "--ckpt_dir", str(ckpt), "--output_dir", str(tmp_path / "from_ckpt")]) == 0
         a = load_file(str(out / "adapter_model.safetensors"))
@@ -221,6 +235,16 @@ def test_infer_with_adapters_equals_the_merged_model(env, peft_adapter, tmp_path
     with_adapter = capsys.readouterr().out
     assert main([*common, "--model", str(merged)]) == 0
     assert with_adapter == capsys.readouterr().out
+
+
+def test_lora_defaults_as_ms_swift():
+    from jaxalign.config import resolve
+
+    lora = resolve("rlhf", None, {"train_type": "lora"})  # ms-swift 3's spelling
+    assert lora.tuner_type == "lora" and lora.learning_rate == 1e-4
+    assert (lora.lora_rank, lora.lora_alpha, lora.lora_dropout, lora.target_modules) == (8, 32, 0.05, "all-linear")
+    assert resolve("sft", None, {}).learning_rate == 1e-5
+    assert resolve("sft", None, {"tuner_type": "lora", "learning_rate": 3e-4}).learning_rate == 3e-4
 
 
 # ----- bad input: one line, exit 2 ------------------------------------------------------------------------------

@@ -45,6 +45,10 @@ def build_trainer(cfg, algorithm=None, *, quiet: bool = False) -> Trainer:
     """Mesh, tokenizer, data and models as ``cfg`` says (the algorithm from the registry unless given),
     wrapped in a ready Trainer. Data comes before the model: a bad row is reported before a (possibly
     large) model is loaded."""
+    if not cfg.model and cfg.get("adapters"):  # as ms-swift: the adapter's config names its base
+        from jaxalign.convert.peft_io import read_adapter_config
+
+        cfg.model = read_adapter_config(cfg.adapters, "--adapters")[1]
     check_required_inputs(cfg)
     algorithm = algorithm or make_algorithm(cfg)
     check_output_dir(cfg)
