@@ -14,7 +14,12 @@ COMMANDS = ["demo", "sft", "rlhf", "infer", "export"]
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is a one-line :class:`ConfigError` (no usage dump)."""
+    """argparse, but a usage mistake is a one-line :class:`ConfigError` (no usage dump), and no
+    abbreviations: the flags are ms-swift's exact names, so ``--learning_rat`` is a typo, not a prefix."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise ConfigError(f"{message}; see `{self.prog} --help`")

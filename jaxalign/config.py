@@ -238,17 +238,103 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
     return cfg
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: ``low``/``high`` (None: unbounded), each end closed unless
+    ``low_open``/``high_open``."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        if self.high is not None and (v >= self.high if self.high_open else v > self.high):
+            return False
+        return v == v  # NaN is in no range
+
+    def __str__(self) -> str:
+        if self.high is None:
+            if self.low == 0:
+                return "positive" if self.low_open else ">= 0"
+            if self.low == 1 and not self.low_open:
+                return "positive"
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        lo = "-inf" if self.low is None else f"{self.low:g}"
+        return f"in {'(' if self.low_open else '['}{lo}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)  # > 0
+AT_LEAST_ONE = Range(1)  # a positive count
+NON_NEGATIVE = Range(0)  # >= 0
+UNIT = Range(0, 1)  # [0, 1]
+UNIT_OPEN = Range(0, 1, high_open=True)  # [0, 1)
+
+# option -> the values it accepts (None values mean "unset" and are not checked). A new numeric option
+# adds a line here; the message ("--NAME VALUE: must be ...") follows from the range.
+RANGES: dict[str, Range] = {
+    "max_length": AT_LEAST_ONE,
+    "split_dataset_ratio": UNIT_OPEN,
+    "per_device_train_batch_size": AT_LEAST_ONE,
+    "per_device_eval_batch_size": AT_LEAST_ONE,
+    "gradient_accumulation_steps": AT_LEAST_ONE,
+    "learning_rate": NON_NEGATIVE,  # a negative rate trains by gradient ascent
+    "warmup_ratio": UNIT,
+    "weight_decay": NON_NEGATIVE,
+    "adam_beta1": UNIT_OPEN,
+    "adam_beta2": UNIT_OPEN,
+    "adam_epsilon": NON_NEGATIVE,
+    "max_grad_norm": NON_NEGATIVE,  # 0 disables clipping
+    "num_train_epochs": NON_NEGATIVE,
+    "logging_steps": AT_LEAST_ONE,
+    "eval_steps": AT_LEAST_ONE,
+    "save_steps": AT_LEAST_ONE,
+    "save_total_limit": AT_LEAST_ONE,
+    # RLHF
+    "beta": NON_NEGATIVE,
+    "label_smoothing": Range(0, 0.5, high_open=True),
+    "rpo_alpha": NON_NEGATIVE,
+    "discopop_tau": POSITIVE,
+    "cpo_alpha": NON_NEGATIVE,
+    "desirable_weight": NON_NEGATIVE,
+    "undesirable_weight": NON_NEGATIVE,
+    "center_rewards_coefficient": NON_NEGATIVE,
+    "max_completion_length": AT_LEAST_ONE,
+    "temperature": NON_NEGATIVE,  # 0: greedy
+    "top_p": Range(0, 1, low_open=True),
+    "repetition_penalty": POSITIVE,
+    "num_generations": AT_LEAST_ONE,
+    "epsilon": NON_NEGATIVE,
+    "epsilon_high": NON_NEGATIVE,
+    "delta": POSITIVE,
+    "num_iterations": AT_LEAST_ONE,
+    "steps_per_generation": AT_LEAST_ONE,
+    "max_resample_times": NON_NEGATIVE,
+    "repetition_n_grams": AT_LEAST_ONE,
+    "num_ppo_epochs": AT_LEAST_ONE,
+    "num_mini_batches": AT_LEAST_ONE,
+    "local_rollout_forward_batch_size": AT_LEAST_ONE,
+    "kl_coef": NON_NEGATIVE,
+    "cliprange": NON_NEGATIVE,
+    "cliprange_value": NON_NEGATIVE,
+    "vf_coef": NON_NEGATIVE,
+    "gamma": UNIT,
+    "lam": UNIT,
+}
+
+
+def check_ranges(cfg: ml_collections.ConfigDict) -> None:
+    """Every option of :data:`RANGES` that ``cfg`` sets lies in its range; else one line naming it."""
+    for key, allowed in RANGES.items():
+        value = cfg.get(key)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"--{key} {value}: must be {allowed}")
+
+
 def _check(cfg: ml_collections.ConfigDict) -> None:
-    positive = ("max_length", "per_device_train_batch_size", "per_device_eval_batch_size", "logging_steps", "save_steps")
-    for key in positive:
-        if key in cfg and cfg[key] is not None and cfg[key] <= 0:
-            raise ConfigError(f"--{key} {cfg[key]}: must be positive")
-    if cfg.get("gradient_accumulation_steps") is not None and cfg.gradient_accumulation_steps <= 0:
-        raise ConfigError(f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}: must be positive")
-    if not 0.0 <= cfg.get("split_dataset_ratio", 0.0) < 1.0:
-        raise ConfigError(f"--split_dataset_ratio {cfg.split_dataset_ratio}: must be in [0, 1)")
-    if not 0.0 <= cfg.get("warmup_ratio", 0.0) <= 1.0:
-        raise ConfigError(f"--warmup_ratio {cfg.warmup_ratio}: must be in [0, 1]")
+    check_ranges(cfg)
     _check_lora(cfg)
 
 
