@@ -6,12 +6,16 @@ test_train_resume.py, beside the run it is compared with."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from jaxalign.cli import main
 from jaxalign.config import OPTIONS, RANGES, default_config, resolve
-from jaxalign.errors import ConfigError
-from helpers import one_error_line
+from jaxalign.data.loading import load_dataset_rows
+from jaxalign.data.template import ChatRenderer
+from jaxalign.errors import ConfigError, DataError
+from helpers import TINY, cli_args, one_error_line, short_rows, tiny_tokenizer, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}
 
@@ -71,3 +75,59 @@ def test_abbreviated_flag_refused(capsys, command, flag, full):
     rc, err = run_cli(capsys, command, "--model", "m", "--dataset", "d.jsonl", flag, "3e-3")
     line = one_error_line(err)
     assert rc == 2 and f"unrecognized arguments: {flag} 3e-3 (did you mean {full}?)" in line
+
+
+# ----- 5. a non-UTF-8 byte is a bad row like any other -------------------------------------------------
+def test_non_utf8_line_is_named(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + '{"messages": "caf\xe9"}\n'.encode("latin-1")
+                     + json.dumps(GOOD).encode() + b"\n")
+    with pytest.raises(DataError) as e:
+        load_dataset_rows(str(path))
+    assert str(e.value) == (f"{path} line 2: not UTF-8 (byte 0xe9 at byte 18); fix the line or pass "
+                            "--ignore_bad_rows")
+    rows = load_dataset_rows(str(path), ignore_bad_rows=True)
+    assert [(r.line, r.error is None) for r in rows] == [(1, True), (2, False), (3, True)]
+
+
+# ----- 6, 8. output folder and data mistakes, before any model loads -------------------------------------
+def test_output_dir_that_is_a_file(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", short_rows(8))
+    target = tmp_path / "taken"
+    target.write_text("keep me")
+    rc, err = run_cli(capsys, "sft", "--model", tiny_model_dir, "--dataset", data, "--output_dir", str(target),
+                      *cli_args(TINY))
+    assert rc == 2
+    assert one_error_line(err) == f"jaxalign: error: --output_dir {target}: is a file, not a folder; choose another --output_dir"
+    assert target.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("case", ["empty", "too_long"])
+def test_no_usable_rows_names_the_file_and_the_fix(case, tiny_model_dir, tmp_path, capsys):
+    rows = [] if case == "empty" else short_rows(8)  # 26-30 tokens each, over --max_length 16
+    data = write_jsonl(tmp_path / f"{case}.jsonl", rows)
+    out = tmp_path / "out"
+    rc, err = run_cli(capsys, "sft", "--model", tiny_model_dir, "--dataset", data, "--output_dir", str(out),
+                      *cli_args({**TINY, "max_length": 16, "length_buckets": "16"}))
+    line = one_error_line(err)
+    assert rc == 2 and line.startswith(f"jaxalign: error: --dataset {data}: ")
+    if case == "empty":
+        assert line.endswith("holds no rows; add data")
+    else:
+        assert ("8 longer than --max_length 16, deleted" in line
+                and line.endswith("raise --max_length or choose --truncation_strategy left or right"))
+    assert not out.exists()
+
+
+# ----- 10. the plain-template fallback is said once ----------------------------------------------------------
+def test_missing_chat_template_is_noticed_once(capsys):
+    tok = tiny_tokenizer()
+    tok.chat_template = None
+    tok.name_or_path = "no-template-tokenizer"
+    capsys.readouterr()
+    ChatRenderer(tok)
+    ChatRenderer(tok)
+    ChatRenderer(tok, "plain")  # chosen explicitly: no notice
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["jaxalign: note: no-template-tokenizer has no chat template; rendering conversations with "
+                     "the plain template ('role: content' lines); pass --template plain to choose it explicitly"]

@@ -105,16 +105,21 @@ def _load_file(path: str, *, ignore_bad_rows: bool) -> list[Row]:
 
 
 def _iter_jsonl(path: str, *, ignore_bad_rows: bool) -> Iterator[Row]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            error = None
+    # Read bytes and decode line by line, so that a non-UTF-8 byte is a bad row named like the others.
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            error, obj = None, None
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                error = f"bad JSON ({e.msg} at column {e.colno})"
-                obj = None
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                line, error = None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
+            if line is not None and not line.strip():
+                continue
+            if error is None:
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    error = f"bad JSON ({e.msg} at column {e.colno})"
             if error is None and not isinstance(obj, dict):
                 error = f"expected a JSON object, got {type(obj).__name__}"
             if error is not None:

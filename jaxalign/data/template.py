@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from jaxalign.errors import ConfigError, DataError
@@ -32,6 +33,8 @@ class ChatRenderer:
         own = getattr(tokenizer, "chat_template", None)
         self.uses_plain = template == "plain" or not own
         self.chat_template: str | None = PLAIN_TEMPLATE if self.uses_plain else None
+        if template is None and not own:
+            _notice_plain_fallback(tokenizer)
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, where: str = "") -> str:
         """The conversation as text (``add_generation_prompt`` opens an assistant turn)."""
@@ -55,3 +58,16 @@ class ChatRenderer:
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` (templates already place BOS/EOS, so no special tokens added)."""
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+_NOTICED: set[str] = set()
+
+
+def _notice_plain_fallback(tokenizer: Any) -> None:
+    """One stderr line per tokenizer and process: it has no chat template, so the plain one is used."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+    if name in _NOTICED:
+        return
+    _NOTICED.add(name)
+    print(f"jaxalign: note: {name} has no chat template; rendering conversations with the plain template "
+          "('role: content' lines); pass --template plain to choose it explicitly", file=sys.stderr)

@@ -10,7 +10,7 @@ from jaxalign.config import check_required_inputs
 from jaxalign.convert.checkpoint_io import load_any_model
 from jaxalign.data import prepare_data
 from jaxalign.data.tokenizer import load_tokenizer
-from jaxalign.errors import ConfigError
+from jaxalign.errors import ConfigError, DataError
 from jaxalign.parallel import initialize_distributed, run_mesh
 from jaxalign.trainers.trainer import Trainer
 from jaxalign.trainers.tuner import apply_tuner
@@ -25,12 +25,33 @@ def load_data(cfg, task: str, tokenizer, *, quiet: bool = False):
     )
     if not quiet:
         print("jaxalign: data " + json.dumps(data.stats))
+    if not data.train:
+        raise DataError(f"--dataset {cfg.dataset}: {_why_no_rows(data.stats, cfg.max_length)}")
     return data
+
+
+def _why_no_rows(stats: dict, max_length: int) -> str:
+    """Why no training row survived, and the fix that applies."""
+    reasons, fixes = [], []
+    if stats.get("deleted_too_long"):
+        reasons.append(f"{stats['deleted_too_long']} longer than --max_length {max_length}, deleted")
+    if stats.get("no_loss_tokens"):
+        reasons.append(f"{stats['no_loss_tokens']} with no trained token left after truncation")
+    if reasons:
+        fixes.append("raise --max_length or choose --truncation_strategy left or right")
+    if stats.get("bad_rows"):
+        reasons.append(f"{stats['bad_rows']} malformed, skipped")
+        fixes.append("fix the malformed rows (run without --ignore_bad_rows to see the first)")
+    if not reasons:
+        return "holds no rows; add data"
+    return f"no usable training rows ({'; '.join(reasons)}); {' or '.join(fixes)}"
 
 
 def check_output_dir(cfg) -> None:
     """Refuse to train into a folder holding someone's model unless resuming a run there."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output_dir {out}: is a file, not a folder; choose another --output_dir")
     if cfg.resume_from_checkpoint:
         return
     if (out / "config.json").exists() and not (out / "args.json").exists():

@@ -21,7 +21,7 @@ from flax import nnx
 
 from jaxalign.data.batching import BatchIterator, make_buckets, parse_buckets, stack_micro_batches
 from jaxalign.data.tokenizer import pad_id_of
-from jaxalign.errors import TrainingDiverged
+from jaxalign.errors import ConfigError, TrainingDiverged
 from jaxalign.models.decoder import set_remat
 from jaxalign.models.lora import cast_frozen, trainable_summary
 from jaxalign.convert.checkpoint_io import read_meta
@@ -102,8 +102,11 @@ class Trainer:
         self.eval_batch = cfg.per_device_eval_batch_size * dp
         self.accum = cfg.gradient_accumulation_steps or algorithm.default_accumulation(self.micro_batch)
         self.buckets = make_buckets(cfg.max_length, buckets=parse_buckets(cfg.length_buckets))
-        self.batches = BatchIterator(data.train, algorithm.rows_per_batch(self), self.buckets, seed=cfg.data_seed,
-                                     pad_id=self.pad_id)
+        try:
+            self.batches = BatchIterator(data.train, algorithm.rows_per_batch(self), self.buckets,
+                                         seed=cfg.data_seed, pad_id=self.pad_id)
+        except ConfigError as e:  # too few rows: name the dataset
+            raise ConfigError(f"--dataset {cfg.dataset}: {e}") from None
         self.total_steps = algorithm.total_steps(self)
         self.optimizer, self.schedule = build_optimizer(cfg, algorithm.optimizer_steps(self.total_steps))
         self.state = create_train_state(params, self.optimizer, mesh, cfg.seed)
