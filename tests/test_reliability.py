@@ -7,6 +7,9 @@ test_train_resume.py, beside the run it is compared with."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -14,7 +17,9 @@ from jaxalign.cli import main
 from jaxalign.config import OPTIONS, RANGES, default_config, resolve
 from jaxalign.data.loading import load_dataset_rows
 from jaxalign.data.template import ChatRenderer
-from jaxalign.errors import ConfigError, DataError
+from jaxalign.errors import CheckpointError, ConfigError, DataError
+from jaxalign.trainers.checkpoint import remove_interrupted_saves, resolve_resume
+from jaxalign.trainers.run import check_output_dir
 from helpers import TINY, cli_args, one_error_line, short_rows, tiny_tokenizer, write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}
@@ -24,6 +29,19 @@ def run_cli(capsys, *argv) -> tuple[int, str]:
     capsys.readouterr()
     rc = main(list(argv))
     return rc, capsys.readouterr().err
+
+
+# ----- 2. a killed save's temporary folder does not block the folder -------------------------------
+def test_unfinished_checkpoint_save_does_not_block_a_rerun(tmp_path):
+    out = tmp_path / "run"
+    tmp = out / "checkpoint-4.orbax-checkpoint-tmp-1733"
+    (tmp / "state").mkdir(parents=True)
+    cfg = resolve("sft", None, {"output_dir": str(out)})
+    check_output_dir(cfg)  # a fresh run may start: there is no checkpoint
+    with pytest.raises(CheckpointError) as e:
+        resolve_resume("latest", out)
+    assert "no complete checkpoint-N folder" in str(e.value) and "without --resume_from_checkpoint" in str(e.value)
+    assert remove_interrupted_saves(out) == [tmp] and not tmp.exists()
 
 
 # ----- 4. range checks -------------------------------------------------------------------------------
@@ -131,3 +149,21 @@ def test_missing_chat_template_is_noticed_once(capsys):
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["jaxalign: note: no-template-tokenizer has no chat template; rendering conversations with "
                      "the plain template ('role: content' lines); pass --template plain to choose it explicitly"]
+
+
+# ----- 11. a killed export's staging folder is removed at the next start ----------------------------------
+def test_stale_export_staging_removed_at_next_start(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "run"
+    out.mkdir()
+    stale = tmp_path / f".run.tmp-{dead.pid}"  # the final export of a run killed with -9
+    stale_value = out / f".value_model.tmp-{dead.pid}"  # PPO's value model, beside the policy
+    live = tmp_path / f".run.tmp-{os.getppid()}"  # an export still running in another process
+    other = tmp_path / ".runner.tmp-1"  # another folder's
+    for p in (stale, stale_value, live, other):
+        (p / "model.safetensors").parent.mkdir(parents=True)
+        (p / "model.safetensors").write_bytes(b"partial")
+    removed = remove_interrupted_saves(out)
+    assert sorted(removed) == sorted([stale, stale_value])
+    assert not stale.exists() and not stale_value.exists() and live.exists() and other.exists()

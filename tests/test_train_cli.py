@@ -137,7 +137,8 @@ def test_output_dir_with_checkpoints_needs_resume(base, good_data, tmp_path, cap
     empty = tmp_path / "empty"
     rc, err = sft(capsys, "--model", base, "--dataset", good_data, "--output_dir", str(empty),
                   "--resume_from_checkpoint", "latest", *cli_args(TINY))
-    assert rc == 2 and "--resume_from_checkpoint latest: no checkpoint-N folder" in one_error_line(err)
+    assert rc == 2 and "--resume_from_checkpoint latest: no complete checkpoint-N folder" in one_error_line(err)
+    assert not empty.exists()  # refused before anything was written
 
 
 def test_bad_config_file(tmp_path, capsys):

@@ -72,6 +72,8 @@ def save_hf_model(
         raise CheckpointError(f"{dst}: already holds a model; choose a new --output_dir or remove the old one")
     writer = jax.process_index() == 0
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if writer:
+        remove_stale_staging(dst)
     staging = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     try:
         tensors = hf_tensors(model) if tensors is None else tensors
@@ -95,6 +97,38 @@ def save_hf_model(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return dst
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(dst: str | Path) -> list[Path]:
+    """Remove the ``.NAME.tmp-PID`` staging folders of exports to ``dst`` whose process is gone (one
+    killed mid-export); a live process's staging folder is left alone. Returns what was removed."""
+    dst = Path(dst)
+    removed = []
+    if not dst.parent.is_dir():
+        return removed
+    prefix = f".{dst.name}.tmp-"
+    for p in dst.parent.iterdir():
+        if not p.name.startswith(prefix) or not p.name[len(prefix):].isdigit():
+            continue
+        pid = int(p.name[len(prefix):])
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def _publish(staging: Path, dst: Path) -> None:

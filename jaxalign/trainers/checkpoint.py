@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from jaxalign.errors import CheckpointError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_TMP = ".orbax-checkpoint-tmp"  # orbax's suffix for a save in progress
 
 
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -35,12 +36,34 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def interrupted_saves(output_dir: str | Path) -> list[Path]:
+    """orbax's temporary ``checkpoint-N.orbax-checkpoint-tmp*`` folders: saves a killed run never finished."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith("checkpoint-") and _TMP in p.name)
+
+
+def remove_interrupted_saves(output_dir: str | Path) -> list[Path]:
+    """What a killed run left half-written in ``output_dir``, removed at the next start: unfinished
+    checkpoint saves and the staging folders of an export whose process is gone. Returns what went."""
+    from jaxalign.convert.hf_save import remove_stale_staging
+
+    root = Path(output_dir)
+    removed = interrupted_saves(root)
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed + remove_stale_staging(root) + remove_stale_staging(root / "value_model")
+
+
 def resolve_resume(spec: str, output_dir: str | Path) -> Path:
     """'latest' -> the newest checkpoint in output_dir; otherwise the folder given."""
     if spec == "latest":
         found = list_checkpoints(output_dir)
         if not found:
-            raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint-N folder in {output_dir}")
+            partial = " (only unfinished saves, removed when a run starts)" if interrupted_saves(output_dir) else ""
+            raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint-N folder in {output_dir}"
+                                  f"{partial}; run without --resume_from_checkpoint to start over")
         return found[-1][1]
     p = Path(spec)
     if not (p / "meta").exists() or not (p / "state").exists():

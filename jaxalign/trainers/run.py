@@ -12,6 +12,7 @@ from jaxalign.data import prepare_data
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.parallel import initialize_distributed, run_mesh
+from jaxalign.trainers.checkpoint import list_checkpoints, resolve_resume
 from jaxalign.trainers.trainer import Trainer
 from jaxalign.trainers.tuner import apply_tuner
 
@@ -53,10 +54,11 @@ def check_output_dir(cfg) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output_dir {out}: is a file, not a folder; choose another --output_dir")
     if cfg.resume_from_checkpoint:
+        resolve_resume(cfg.resume_from_checkpoint, out)  # a missing checkpoint is named before any model loads
         return
     if (out / "config.json").exists() and not (out / "args.json").exists():
         raise ConfigError(f"--output_dir {out}: holds a model that is not a jaxalign run; choose another folder")
-    if any(out.glob("checkpoint-*")):
+    if list_checkpoints(out):  # complete ones: a killed save's temporary folder is removed at the start
         raise ConfigError(
             f"--output_dir {out}: already holds checkpoints; pass --resume_from_checkpoint latest or choose another folder"
         )
