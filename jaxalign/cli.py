@@ -7,7 +7,7 @@ import difflib
 import importlib
 import sys
 
-from jaxalign.errors import ConfigError, JaxalignError
+from jaxalign.errors import ConfigError, JaxalignError, Preempted
 
 # Subcommand modules, in the order `jaxalign --help` lists them.
 COMMANDS = ["demo", "sft", "rlhf", "infer", "export"]
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except JaxalignError as e:
         print(f"jaxalign: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except Preempted as e:  # a checkpoint of the last step is saved; not an error of the user's
+        print(f"jaxalign: {e}", file=sys.stderr)
         return e.exit_code
 
 

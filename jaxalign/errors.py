@@ -33,3 +33,20 @@ class ShardingError(JaxalignError):
 
 class TrainingDiverged(JaxalignError):
     """The loss or the gradient norm became NaN or infinite."""
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM or SIGINT after saving a checkpoint of the last finished step.
+
+    Not a user mistake: the CLI prints the message and exits with 128 + the signal number (143 for
+    SIGTERM, 130 for SIGINT), as a process killed by that signal would.
+    """
+
+    def __init__(self, step: int, signum: int, checkpoint: str):
+        import signal
+
+        self.step, self.signum, self.checkpoint = step, signum, checkpoint
+        self.exit_code = 128 + int(signum)
+        name = signal.Signals(signum).name
+        super().__init__(f"preempted at step {step} ({name}); saved {checkpoint}; "
+                         "resume with --resume_from_checkpoint latest")

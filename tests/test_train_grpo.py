@@ -42,7 +42,11 @@ def boom(completions, **kwargs):
     raise RuntimeError("kaboom")
 
 
-REWARDS = {"test_charsum": charsum, "test_half_flat": half_flat, "test_boom": boom}
+def wrong_count(completions, **kwargs):
+    return [0.0]
+
+
+REWARDS = {"test_charsum": charsum, "test_half_flat": half_flat, "test_boom": boom, "test_wrong_count": wrong_count}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -352,14 +356,17 @@ def cli_args(env, out, *extra):
             "--max_steps", "2", "--save_steps", "1000", *extra]
 
 
-def test_reward_function_error_stops_the_run(env, capsys):
-    assert main(cli_args(env, "cli_boom", "--reward_funcs", "test_boom")) == 2
+@pytest.mark.parametrize("func,message", [("test_boom", "kaboom"),
+                                          ("test_wrong_count", "returned 1 values for 16 completions")])
+def test_reward_function_error_stops_the_run(env, capsys, func, message):
+    assert main(cli_args(env, f"cli_{func}", "--reward_funcs", func)) == 2
     err = capsys.readouterr().err
     # stderr also holds the progress bar, started before the first generation; no traceback
     errors = [line for line in err.splitlines() if line.startswith("jaxalign: error:")]
     assert len(errors) == 1 and "Traceback" not in err
-    assert "reward function 'test_boom'" in errors[0] and "kaboom" in errors[0]
-    assert not list((env["root"] / "cli_boom").glob("checkpoint-*"))
+    assert f"reward function '{func}'" in errors[0] and message in errors[0]
+    # Nothing half-written: not args.json, logging.jsonl or tokenizer/, nor the folder the run made.
+    assert not (env["root"] / f"cli_{func}").exists()
 
 
 def test_missing_reward_funcs(env, capsys):

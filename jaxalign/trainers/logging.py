@@ -12,7 +12,13 @@ from tqdm import tqdm
 
 
 class MetricsLogger:
-    """Writes one JSON object per logging step and keeps the history for the curves."""
+    """Writes one JSON object per logging step and keeps the history for the curves.
+
+    A run starting at ``initial_step`` (a resume) keeps the rows of ``logging.jsonl`` up to that step
+    and drops later ones (the steps a killed run logged after its checkpoint, which the resumed run
+    logs again), so the log holds each step once and the curves cover the whole run; a fresh run
+    (step 0) starts an empty log.
+    """
 
     def __init__(self, output_dir: str | Path, total_steps: int, *, report_to: str = "none", initial_step: int = 0):
         self.dir = Path(output_dir)
@@ -23,6 +29,7 @@ class MetricsLogger:
         self._bar = None
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
+            self.history = truncate_log(self.dir / "logging.jsonl", initial_step)
             self._file = open(self.dir / "logging.jsonl", "a")
             self._bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, desc="train")
             if report_to == "tensorboard":
@@ -60,6 +67,26 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
         plot_curves(self.history, self.dir / "curves.png", curve_keys)
+
+
+def truncate_log(path: Path, last_step: int) -> list[dict]:
+    """Keep the rows of the JSONL log at ``path`` with ``step <= last_step`` (rewritten atomically);
+    returns them. A line that does not parse (a torn last write) is dropped."""
+    if not path.exists():
+        return []
+    kept, lines = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+            kept.append(row)
+            lines.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    tmp.replace(path)
+    return kept
 
 
 def _plain(v):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -21,13 +22,22 @@ from flax import nnx
 
 from jaxalign.data.batching import BatchIterator, make_buckets, parse_buckets, stack_micro_batches
 from jaxalign.data.tokenizer import pad_id_of
-from jaxalign.errors import ConfigError, TrainingDiverged
+from jaxalign.errors import ConfigError, JaxalignError, Preempted, TrainingDiverged
 from jaxalign.models.decoder import set_remat
 from jaxalign.models.lora import cast_frozen, trainable_summary
 from jaxalign.convert.checkpoint_io import read_meta
-from jaxalign.trainers.checkpoint import CheckpointWriter, resolve_resume, restore_state, run_meta, write_run_files
-from jaxalign.trainers.logging import MetricsLogger
+from jaxalign.trainers.checkpoint import (
+    CheckpointWriter,
+    list_checkpoints,
+    remove_interrupted_saves,
+    resolve_resume,
+    restore_state,
+    run_meta,
+    write_run_files,
+)
+from jaxalign.trainers.logging import MetricsLogger, truncate_log
 from jaxalign.trainers.optim import build_optimizer
+from jaxalign.trainers.preemption import PreemptionGuard
 from jaxalign.trainers.step import (
     CompileCounter,
     accumulation_sharding,
@@ -40,6 +50,11 @@ from jaxalign.trainers.step import (
 
 # Logged as the window's last value rather than its mean.
 LAST_VALUE_KEYS = ("learning_rate", "lr", "episode")
+
+# What a run writes into output_dir besides checkpoints and the export.
+RUN_FILES = ("args.json", "tokenizer", "logging.jsonl", "curves.png", "runs", "completions.jsonl", "samples.jsonl")
+# JSONL logs with a "step" per row (GRPO's --log_completions, PPO's debug samples), cut back on a resume.
+STEP_LOGS = ("completions.jsonl", "samples.jsonl")
 
 
 class Algorithm(Protocol):
@@ -207,37 +222,85 @@ class Trainer:
         return row
 
     def train(self) -> list[dict]:
-        """Run to ``total_steps`` (from a checkpoint with ``--resume_from_checkpoint``); returns the log rows."""
+        """Run to ``total_steps`` (from a checkpoint with ``--resume_from_checkpoint``); returns the log rows
+        (the whole run's, a resumed run's included).
+
+        SIGTERM or SIGINT finishes the current step, saves it as a checkpoint (after any save in flight)
+        and raises :class:`Preempted`. A fresh run stopped by a user mistake (a :class:`JaxalignError`,
+        such as a reward function's bad output) before its first checkpoint removes the files it wrote.
+        """
         cfg = self.cfg
-        write_run_files(self.out, self.tokenizer, cfg)
-        start = self.resume(cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else 0
+        fresh = not cfg.resume_from_checkpoint
+        existed = self.out.exists()
+        before = {name for name in RUN_FILES if (self.out / name).exists()}
+        if self.main_process:
+            remove_interrupted_saves(self.out)
+        try:
+            write_run_files(self.out, self.tokenizer, cfg)
+            start = self.resume(cfg.resume_from_checkpoint) if not fresh else 0
+            self._loop(start)
+        except JaxalignError as e:
+            if fresh and not isinstance(e, TrainingDiverged) and self.main_process:
+                self._remove_run_files(before, existed)
+            raise
+        return self.history
+
+    def _loop(self, start: int) -> None:
+        cfg = self.cfg
         logger = MetricsLogger(self.out, self.total_steps, report_to=cfg.report_to, initial_step=start)
+        if self.main_process:  # the per-step sample logs, like logging.jsonl: each step once
+            for name in STEP_LOGS:
+                truncate_log(self.out / name, start)
         writer = CheckpointWriter(self.out, cfg.save_total_limit)
         window: list[dict] = []
         t0 = time.time()
         last_saved = start
-        try:
-            for step in range(start + 1, self.total_steps + 1):
-                metrics = self.algo.run_step(self)
-                self._check_finite(step, metrics, last_saved)
-                window.append(metrics)
-                logger.advance(1, {k: metrics[k] for k in self.algo.progress_keys if k in metrics})
-                if step % cfg.logging_steps == 0 or step == self.total_steps:
-                    logger.log(step, self._window_row(window, time.time() - t0))
-                    window, t0 = [], time.time()
-                for hook in self.hooks:
-                    if hook.due(step, self.total_steps):
-                        row = hook.fn(self, step)
-                        if row:
-                            logger.log(step, row)
-                if step % cfg.save_steps == 0 or step == self.total_steps:
-                    writer.save(step, self.state, self._meta(step))
-                    last_saved = step
-        finally:
-            writer.close()
-            logger.close(self.algo.curve_keys)
-        self.history = logger.history
-        return self.history
+        with PreemptionGuard() as guard:  # also over the last save's wait in writer.close()
+            try:
+                for step in range(start + 1, self.total_steps + 1):
+                    metrics = self.algo.run_step(self)
+                    self._check_finite(step, metrics, last_saved)
+                    window.append(metrics)
+                    logger.advance(1, {k: metrics[k] for k in self.algo.progress_keys if k in metrics})
+                    if step % cfg.logging_steps == 0 or step == self.total_steps:
+                        logger.log(step, self._window_row(window, time.time() - t0))
+                        window, t0 = [], time.time()
+                    for hook in self.hooks:
+                        if hook.due(step, self.total_steps):
+                            row = hook.fn(self, step)
+                            if row:
+                                logger.log(step, row)
+                    if step % cfg.save_steps == 0 or step == self.total_steps:
+                        writer.save(step, self.state, self._meta(step))
+                        last_saved = step
+                    if guard.should_stop(step):
+                        if window:  # the steps since the last logged row
+                            logger.log(step, self._window_row(window, time.time() - t0))
+                        if last_saved != step:
+                            writer.save(step, self.state, self._meta(step))
+                        writer.wait()  # synchronous: the checkpoint is complete before the process exits
+                        raise Preempted(step, guard.signum, str(self.out / f"checkpoint-{step}"))
+            finally:
+                writer.close()
+                logger.close(self.algo.curve_keys)
+                self.history = logger.history
+            if guard.signum is not None and not guard.multi_host:  # signalled after the last step: no export
+                raise Preempted(self.total_steps, guard.signum, str(self.out / f"checkpoint-{self.total_steps}"))
+
+    def _remove_run_files(self, before: set[str], existed: bool) -> None:
+        """Remove the run files this run created (not those it found), unless a checkpoint exists."""
+        if list_checkpoints(self.out):
+            return
+        for name in RUN_FILES:
+            path = self.out / name
+            if name in before or not path.exists():
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        if not existed and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     # ----- the result -------------------------------------------------------------------
     def model(self) -> nnx.Module:
