@@ -208,11 +208,12 @@ def test_stale_export_staging_removed_at_next_start(tmp_path):
     out.mkdir()
     stale = tmp_path / f".run.tmp-{dead.pid}"  # the final export of a run killed with -9
     stale_value = out / f".value_model.tmp-{dead.pid}"  # PPO's value model, beside the policy
+    stale_adapter = out / f".adapter.tmp-{dead.pid}"  # LoRA's adapter files, staged inside the folder
     live = tmp_path / f".run.tmp-{os.getppid()}"  # an export still running in another process
     other = tmp_path / ".runner.tmp-1"  # another folder's
-    for p in (stale, stale_value, live, other):
+    for p in (stale, stale_value, stale_adapter, live, other):
         (p / "model.safetensors").parent.mkdir(parents=True)
         (p / "model.safetensors").write_bytes(b"partial")
     removed = remove_interrupted_saves(out)
-    assert sorted(removed) == sorted([stale, stale_value])
-    assert not stale.exists() and not stale_value.exists() and live.exists() and other.exists()
+    assert sorted(removed) == sorted([stale, stale_value, stale_adapter])
+    assert not any(p.exists() for p in removed) and live.exists() and other.exists()

@@ -18,6 +18,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from jaxalign.convert.hf_save import remove_stale_staging
 from jaxalign.errors import CheckpointError
 from jaxalign.models.lora import LoRASettings, add_lora, lora_modules, parse_target_modules
 
@@ -73,6 +74,7 @@ def save_adapter(decoder, folder: str | Path, *, settings: LoRASettings, base_mo
     if jax.process_index() != 0:
         return dst
     dst.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(dst / "adapter")  # .adapter.tmp-PID folders of killed exports
     staging = dst / f".adapter.tmp-{os.getpid()}"
     try:
         if staging.exists():

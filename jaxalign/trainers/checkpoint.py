@@ -53,7 +53,11 @@ def remove_interrupted_saves(output_dir: str | Path) -> list[Path]:
     removed = interrupted_saves(root)
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
-    return removed + remove_stale_staging(root) + remove_stale_staging(root / "value_model")
+    # The exports: the model folder (staged beside it), PPO's value_model/ and LoRA's adapter files
+    # (staged inside the folder as .adapter.tmp-PID).
+    for dst in (root, root / "value_model", root / "adapter", root / "value_model" / "adapter"):
+        removed += remove_stale_staging(dst)
+    return removed
 
 
 def resolve_resume(spec: str, output_dir: str | Path) -> Path:
