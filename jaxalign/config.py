@@ -292,6 +292,9 @@ RANGES: dict[str, Range] = {
     "eval_steps": AT_LEAST_ONE,
     "save_steps": AT_LEAST_ONE,
     "save_total_limit": AT_LEAST_ONE,
+    "lora_rank": AT_LEAST_ONE,
+    "lora_alpha": POSITIVE,
+    "lora_dropout": Range(0, 1, high_open=True),
     # RLHF
     "beta": NON_NEGATIVE,
     "label_smoothing": Range(0, 0.5, high_open=True),
@@ -348,12 +351,6 @@ def _check_lora(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"--{key} {cfg[key]}: adapters need --tuner_type lora")
     if not lora:
         return
-    if cfg.lora_rank <= 0:
-        raise ConfigError(f"--lora_rank {cfg.lora_rank}: must be a positive integer (ms-swift's default is 8)")
-    if cfg.lora_alpha <= 0:
-        raise ConfigError(f"--lora_alpha {cfg.lora_alpha}: must be positive (ms-swift's default is 32)")
-    if not 0.0 <= cfg.lora_dropout < 1.0:
-        raise ConfigError(f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")
     try:
         parse_target_modules(cfg.target_modules)
     except ValueError as e:

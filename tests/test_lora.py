@@ -249,7 +249,8 @@ def test_lora_defaults_as_ms_swift():
 
 # ----- bad input: one line, exit 2 ------------------------------------------------------------------------------
 @pytest.mark.parametrize("flags, expected", [
-    (["--lora_rank", "0"], "--lora_rank 0: must be a positive integer"),
+    (["--lora_rank", "0"], "--lora_rank 0: must be positive"),
+    (["--lora_dropout", "1"], "--lora_dropout 1.0: must be in [0, 1)"),
     (["--target_modules", "q_proj,attn"], "--target_modules q_proj,attn: 'attn' is not a linear module"),
     (["--ref_model", "X"], "--ref_model cannot be combined with --tuner_type lora"),
 ])
