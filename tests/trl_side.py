@@ -135,17 +135,26 @@ class LogCapture(transformers.TrainerCallback):
         self.logs.append(dict(logs or {}))
 
 
-def run_one_step(trainer) -> tuple[dict, dict[str, float]]:
-    """(the first training batch as numpy, the metrics TRL logs for the step)."""
+def first_batch(trainer) -> dict:
+    """The first training batch as TRL's data loader collates it (numpy)."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    return {k: v.numpy() for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def train_one_step(trainer) -> dict[str, float]:
+    """The metrics TRL logs for one training step."""
     capture = LogCapture()
     trainer.add_callback(capture)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
-    batch = next(iter(trainer.get_train_dataloader()))
-    batch = {k: v.numpy() for k, v in batch.items() if isinstance(v, torch.Tensor)}
     trainer.train()
     logged = [row for row in capture.logs if "loss" in row]
     assert len(logged) == 1, capture.logs
-    return batch, {k: float(v) for k, v in logged[0].items() if k not in NOT_METRICS}
+    return {k: float(v) for k, v in logged[0].items() if k not in NOT_METRICS}
+
+
+def run_one_step(trainer) -> tuple[dict, dict[str, float]]:
+    """(the first training batch as numpy, the metrics TRL logs for the step)."""
+    return first_batch(trainer), train_one_step(trainer)
 
 
 def dpo_trainer(policy: Path, ref: Path, rows: list[dict], args: dict, *, loss_type, loss_weights=None, **hp):
