@@ -48,8 +48,10 @@ def parity_reward(completions, **kwargs):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("trl_parity_grpo")
-    policy = trl.model_folder(root / "policy", seed=0)
-    ref = trl.model_folder(root / "ref", seed=1)
+    # unscaled (nearly flat) logits keep every per-token KL far below ms-swift's clamp at 10, which TRL
+    # does not apply (README); the advantages come from the rewards, so flat logits cost nothing here
+    policy = trl.model_folder(root / "policy", seed=0, logit_scale=1.0)
+    ref = trl.model_folder(root / "ref", seed=1, logit_scale=1.0)
     tok = transformers.AutoTokenizer.from_pretrained(str(policy))
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     replies = {p: [tok(c.replace("<E>", ""), add_special_tokens=False)["input_ids"] + ([eos] if c.endswith("<E>") else [])

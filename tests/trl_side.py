@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from helpers import make_model_dir
 
@@ -32,9 +32,17 @@ NOT_METRICS = {"epoch", "num_tokens", "total_flos", "train_runtime", "train_samp
 
 
 # ----- models and rows ---------------------------------------------------------------------------
-def model_folder(path: Path, seed: int) -> Path:
-    """A tiny random Llama folder whose tokenizer renders :data:`PARITY_CHAT_TEMPLATE`."""
+def model_folder(path: Path, seed: int, *, logit_scale: float = 8.0) -> Path:
+    """A tiny random Llama folder whose tokenizer renders :data:`PARITY_CHAT_TEMPLATE`.
+
+    The (tied) embeddings are scaled by ``logit_scale``: freshly initialised logits are nearly flat, so every
+    reply would get about the same log-probs and reward margins would be differences of nearly equal
+    numbers, where float32 rounding alone reaches the 1e-4 tolerance."""
     folder = make_model_dir(path, seed=seed)
+    weights = folder / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors = {k: v * logit_scale if "embed_tokens" in k or "lm_head" in k else v for k, v in tensors.items()}
+    save_file(tensors, str(weights), metadata={"format": "pt"})
     tok = transformers.AutoTokenizer.from_pretrained(str(folder))
     tok.chat_template = PARITY_CHAT_TEMPLATE
     tok.save_pretrained(str(folder))
