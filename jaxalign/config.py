@@ -49,6 +49,17 @@ OPTIONS: dict[str, Option] = {
     ),
     "ignore_bad_rows": Option(False, bool, "skip malformed rows (counted) instead of stopping"),
     "length_buckets": Option(None, str, "comma-separated padded lengths; default powers of two up to max_length"),
+    # Tuner (LoRA as PEFT and ms-swift name it)
+    "tuner_type": Option("full", str, "train all parameters, or LoRA adapters (alias --train_type)", ("full", "lora")),
+    "lora_rank": Option(8, int, "LoRA rank r"),
+    "lora_alpha": Option(32.0, float, "LoRA alpha (scaling alpha / r)"),
+    "lora_dropout": Option(0.05, float, "dropout on the adapters' input while training"),
+    "target_modules": Option("all-linear", str, "adapted layers: all-linear or names (q_proj,k_proj,v_proj,o_proj,"
+                             "gate_proj,up_proj,down_proj)"),
+    "use_rslora": Option(False, bool, "rank-stabilised scaling alpha / sqrt(r)"),
+    "init_lora_weights": Option(True, bool, "B = 0 so step 0 equals the base (false: B random too)"),
+    "adapters": Option(None, str, "start from this LoRA adapter folder (PEFT format) instead of fresh adapters"),
+    "ref_adapters": Option(None, str, "reference = the base with this adapter (default: adapters off)", None, ("rlhf",)),
     # Optimisation
     "per_device_train_batch_size": Option(
         None, int, "rows per device per micro-batch (default 1; kto 2, so its KL pairs exist; grpo num_generations)"
@@ -57,7 +68,7 @@ OPTIONS: dict[str, Option] = {
     "gradient_accumulation_steps": Option(
         None, int, "micro-batches per step (default: so the total batch is >= 16; grpo and ppo 1)"
     ),
-    "learning_rate": Option(1e-5, float, "peak learning rate (ms-swift's full fine-tuning default)"),
+    "learning_rate": Option(None, float, "peak learning rate (default, as ms-swift: 1e-5 full, 1e-4 lora)"),
     "lr_scheduler_type": Option("cosine", str, "learning-rate schedule", ("cosine", "linear", "constant")),
     "warmup_ratio": Option(0.0, float, "fraction of steps with linear warm-up"),
     "weight_decay": Option(0.1, float, "AdamW weight decay (matrices only)"),
@@ -147,6 +158,10 @@ OPTIONS: dict[str, Option] = {
     "missing_eos_penalty": Option(None, float, "subtracted from the score of responses without EOS", None, _RLHF),
 }
 
+# ms-swift 3 spells --tuner_type as --train_type.
+OPTION_ALIASES = {"train_type": "tuner_type"}
+
+
 def default_config(command: str) -> ml_collections.ConfigDict:
     """Every option of ``command`` at its default."""
     values = {k: o.default for k, o in OPTIONS.items() if command in o.commands}
@@ -207,6 +222,7 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
     cfg = default_config(command)
     for layer, source in ((file_config or {}, "config file"), (flags, "command line")):
         for key, value in dict(layer).items():
+            key = OPTION_ALIASES.get(key, key)
             if key not in OPTIONS or command not in OPTIONS[key].commands:
                 raise ConfigError(f"{source}: unknown option {key!r}; see `jaxalign {command} --help`")
             cfg[key] = coerce(key, value)
@@ -215,6 +231,8 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
         cfg.per_device_train_batch_size = default_batch_size(spec, cfg)
     if "beta" in cfg and cfg.beta is None:
         cfg.beta = spec.default_beta
+    if cfg.learning_rate is None:
+        cfg.learning_rate = 1e-4 if cfg.tuner_type == "lora" else 1e-5
     _check(cfg)
     check_algorithm_options(spec, cfg)
     return cfg
@@ -231,6 +249,32 @@ def _check(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"--split_dataset_ratio {cfg.split_dataset_ratio}: must be in [0, 1)")
     if not 0.0 <= cfg.get("warmup_ratio", 0.0) <= 1.0:
         raise ConfigError(f"--warmup_ratio {cfg.warmup_ratio}: must be in [0, 1]")
+    _check_lora(cfg)
+
+
+def _check_lora(cfg: ml_collections.ConfigDict) -> None:
+    """The LoRA options, checked whatever the tuner (a stray --adapters would otherwise be ignored)."""
+    from jaxalign.models.lora import parse_target_modules
+
+    lora = cfg.tuner_type == "lora"
+    for key in ("adapters", "ref_adapters"):
+        if cfg.get(key) and not lora:
+            raise ConfigError(f"--{key} {cfg[key]}: adapters need --tuner_type lora")
+    if not lora:
+        return
+    if cfg.lora_rank <= 0:
+        raise ConfigError(f"--lora_rank {cfg.lora_rank}: must be a positive integer (ms-swift's default is 8)")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"--lora_alpha {cfg.lora_alpha}: must be positive (ms-swift's default is 32)")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")
+    try:
+        parse_target_modules(cfg.target_modules)
+    except ValueError as e:
+        raise ConfigError(f"--target_modules {cfg.target_modules}: {e}") from None
+    if cfg.get("ref_model"):
+        raise ConfigError("--ref_model cannot be combined with --tuner_type lora: the reference is the base model with "
+                          "the adapters off (or --ref_adapters DIR); drop --ref_model")
 
 
 def add_flags(parser, command: str) -> None:
@@ -240,7 +284,9 @@ def add_flags(parser, command: str) -> None:
         if command not in opt.commands:
             continue
         extra = f" (choices: {', '.join(str(c) for c in opt.choices if c is not None)})" if opt.choices else ""
-        parser.add_argument(f"--{name}", default=argparse_unset, help=f"{opt.help}; default {opt.default!r}{extra}")
+        aliases = [f"--{a}" for a, target in OPTION_ALIASES.items() if target == name]
+        parser.add_argument(f"--{name}", *aliases, dest=name, default=argparse_unset,
+                            help=f"{opt.help}; default {opt.default!r}{extra}")
 
 
 class _Unset:

@@ -11,12 +11,12 @@ def test_demo_runs_every_stage(tmp_path, capsys):
                    "--grpo_steps", "1", "--ppo_steps", "1"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) >= {"sft", "dpo", "rm", "grpo", "ppo"}
-    for stage in ("sft", "dpo", "grpo", "ppo"):
+    assert set(summary) >= {"sft", "dpo", "dpo_lora", "rm", "grpo", "ppo"}
+    for stage in ("sft", "dpo", "dpo_lora", "grpo", "ppo"):
         acc = summary[stage]["heldout_exact_match_after"]
         assert 0.0 <= acc <= 1.0 and 0.0 <= summary[stage]["heldout_carry_slips_after"] <= 1.0
         assert summary[stage]["compilations"] == 1
-    for stage in ("dpo", "grpo", "ppo"):  # each starts from the SFT model
+    for stage in ("dpo", "dpo_lora", "grpo", "ppo"):  # each starts from the SFT model
         assert summary[stage]["heldout_carry_slips_before"] == summary["sft"]["heldout_carry_slips_after"]
     grpo = summary["grpo"]
     assert 0.0 <= grpo["train_prompts_sampled_reward_before"] <= 1.0 and 0.0 <= grpo["train_prompts_sampled_reward_after"] <= 1.0
@@ -38,6 +38,8 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     for stage in ("sft", "dpo", "grpo", "ppo"):
         assert (out / stage / "config.json").exists()  # each stage exported a Hugging Face folder
     assert (out / "rm" / "value_head.safetensors").exists()
+    assert (out / "dpo_lora" / "adapter_model.safetensors").exists()  # the LoRA stage's PEFT adapter
+    assert read_curve(out / "dpo_lora" / "logging.jsonl", "rewards/margins")[0][-1] == summary["dpo_lora"]["steps"]
     # A second run into the same folder replaces the previous demo; another non-empty folder is refused.
     other = tmp_path / "mine"
     other.mkdir()

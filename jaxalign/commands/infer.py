@@ -21,9 +21,11 @@ DESCRIPTION = (
 
 def register(sub) -> None:
     p = sub.add_parser(NAME, help=HELP, description=DESCRIPTION)
-    p.add_argument("--model", required=True,
+    p.add_argument("--model",
                    help="a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or a jaxalign "
-                        "checkpoint folder (output_dir/checkpoint-N; its tokenizer is output_dir/tokenizer)")
+                        "checkpoint folder (output_dir/checkpoint-N; its tokenizer is output_dir/tokenizer); with "
+                        "--adapters the base (default: the adapter config's base_model_name_or_path)")
+    p.add_argument("--adapters", help="a LoRA adapter folder (PEFT format) to run on the model")
     p.add_argument("--prompt", help="one user message to answer")
     p.add_argument("--system", help="system message placed before --prompt")
     p.add_argument("--input_file", help="JSONL rows in ms-swift format ('messages', or 'query' [+ 'system', "
@@ -72,8 +74,18 @@ def run(args: argparse.Namespace) -> int:
     from jaxalign.rollout import generate
 
     mesh = make_mesh(args.mesh) if args.mesh else None
-    tokenizer = load_tokenizer(args.model, training=False)
-    model = load_any_model(args.model, dtype=args.dtype, mesh=mesh)
+    base = args.model
+    if args.adapters:
+        from jaxalign.convert.peft_io import apply_adapter, read_adapter_config
+
+        base = base or read_adapter_config(args.adapters)[1]
+    if not base:
+        raise ConfigError("--model is required: a Hugging Face model folder (or --adapters whose config names its base)")
+    tokenizer = load_tokenizer(args.adapters if args.adapters and _has_tokenizer(args.adapters) else base,
+                               training=False)
+    model = load_any_model(base, dtype=args.dtype, mesh=mesh)
+    if args.adapters:
+        apply_adapter(model, args.adapters)
     config = model.config
     sampling = sampling_settings(args, config.generation_config or {})
     _check_sampling(sampling)
@@ -115,6 +127,12 @@ def run(args: argparse.Namespace) -> int:
     if args.output_file:
         print(f"wrote {len(encoded)} responses to {args.output_file}")
     return 0
+
+
+def _has_tokenizer(folder: str) -> bool:
+    from pathlib import Path
+
+    return (Path(folder) / "tokenizer_config.json").is_file()
 
 
 def read_prompt_rows(path: str) -> list[tuple[list[dict[str, Any]], str]]:

@@ -46,6 +46,8 @@ def load_checkpoint_model(path: str | Path, *, dtype: str = "float32", value_hea
     if not is_checkpoint(p):
         raise CheckpointError(f"{p}: not a jaxalign checkpoint folder (expected state/ and meta/ inside)")
     meta = read_meta(p)
+    if meta.get("lora"):
+        return load_lora_checkpoint(p, meta, dtype=dtype, value_head=value_head, mesh=mesh)
     config = config_from_hf(meta["model_config"], source=f"{p}/meta")
     if meta.get("generation_config"):
         config = dataclasses.replace(config, generation_config=meta["generation_config"])
@@ -58,6 +60,37 @@ def load_checkpoint_model(path: str | Path, *, dtype: str = "float32", value_hea
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     nnx.replace_by_pure_dict(params, restore_params(p, params, mesh))
     model = nnx.merge(graphdef, params, rest)
+    if reward and not value_head:
+        return model.backbone
+    return model
+
+
+def lora_checkpoint_settings(meta: dict):
+    """(LoRASettings, base model folder) of a ``--tuner_type lora`` checkpoint's meta."""
+    from jaxalign.models.lora import LoRASettings
+
+    raw = dict(meta["lora"])
+    raw["target_modules"] = tuple(raw["target_modules"])
+    return LoRASettings(**raw), (meta.get("config") or {}).get("model")
+
+
+def load_lora_checkpoint(p: Path, meta: dict, *, dtype: str = "float32", value_head: bool = False, mesh=None):
+    """A LoRA run's checkpoint (adapters, and an RM's head, only): the base it names, with the adapters attached."""
+    from jaxalign.models.lora import add_lora, trainable_filter
+
+    if meta.get("algorithm") == "ppo":
+        raise CheckpointError(f"{p}: a PPO LoRA checkpoint holds two models' adapters; use the adapters the run "
+                              "exported in its output_dir (and output_dir/value_model)")
+    settings, base = lora_checkpoint_settings(meta)
+    if not base or not Path(base).exists():
+        raise CheckpointError(f"{p}: the base model {base!r} this LoRA checkpoint was trained on is not on disk")
+    backbone = load_any_model(base, dtype=dtype, mesh=mesh)
+    reward = meta.get("algorithm") == "rm"
+    model = RewardModel(backbone, ValueHead(backbone.config.hidden_size, rngs=nnx.Rngs(0))) if reward else backbone
+    add_lora(model, settings)
+    params = nnx.state(model, trainable_filter(model))
+    nnx.replace_by_pure_dict(params, restore_params(p, params, mesh))
+    nnx.update(model, params)
     if reward and not value_head:
         return model.backbone
     return model

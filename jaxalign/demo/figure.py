@@ -13,7 +13,7 @@ STAGE_CURVES = {
     "grpo": ("reward", "GRPO: mean reward"),
     "ppo": ("objective/scores", "PPO: reward-model score"),
 }
-EXACT_MATCH_STAGES = ("sft", "dpo", "grpo", "ppo")
+EXACT_MATCH_STAGES = ("sft", "dpo", "dpo_lora", "grpo", "ppo")
 
 
 def read_curve(logging_file: Path, key: str) -> tuple[list[int], list[float]]:
@@ -47,13 +47,18 @@ def plot_demo(summary: dict, out: Path, path: Path) -> None:
     bars.bar([x + 0.2 for x in xs], after, width=0.4, label="after", color="#3b7dd8")
     for x, v in zip(xs, after):
         bars.text(x + 0.2, v + 0.01, f"{v:.2f}", ha="center", fontsize=8)
-    bars.set_xticks(list(xs), [s.upper() for s in stages])
+    bars.set_xticks(list(xs), [s.upper().replace("_LORA", "\nLoRA") for s in stages])
     bars.set_ylim(0, 1.05)
     bars.set_title("held-out exact match")
     bars.legend(loc="upper left", fontsize=8)
     for ax, (stage, (key, title)) in zip([a for row in axes for a in row][1:], STAGE_CURVES.items()):
         steps, values = read_curve(out / stage / "logging.jsonl", key)
-        ax.plot(steps, values, marker=".")
+        ax.plot(steps, values, marker=".", label="full")
+        if stage == "dpo":  # the LoRA run of the same DPO on the same panel
+            lora_steps, lora_values = read_curve(out / "dpo_lora" / "logging.jsonl", key)
+            if lora_steps:
+                ax.plot(lora_steps, lora_values, marker=".", label="LoRA")
+                ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

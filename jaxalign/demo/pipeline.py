@@ -93,12 +93,13 @@ def stage_options(**overrides) -> dict[str, Any]:
     return base
 
 
-def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, seed, options, *, sft=None):
-    """Train ``kind`` (dpo or rm) from the SFT model; report held-out preference accuracy."""
+def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, seed, options, *, sft=None, name=None):
+    """Train ``kind`` (dpo or rm) from the SFT model into ``out/name`` (default ``kind``); report held-out
+    preference accuracy."""
 
     cfg = resolve("rlhf", None, {
         "rlhf_type": kind, "model": str(out / "sft"), "dataset": train_file, "val_dataset": heldout_file,
-        "output_dir": str(out / kind), "max_steps": steps, "seed": seed,
+        "output_dir": str(out / (name or kind)), "max_steps": steps, "seed": seed,
         **stage_options(per_device_train_batch_size=16, eval_steps=max(steps // 2, 1), warmup_ratio=0.0, logging_steps=5),
         **options,
     })
@@ -244,6 +245,14 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_step
     summary["dpo"] = preference_stage(
         "dpo", out, pair_file, pair_heldout_file, heldout_rows, dpo_steps, seed,
         {"beta": 0.1, "learning_rate": 2e-4, "rpo_alpha": 1.0}, sft=summary["sft"],
+    )
+
+    # Stage 2b: the same DPO with LoRA adapters (reference = the SFT model with the adapters off)
+    print(f"jaxalign demo: DPO with LoRA adapters for {dpo_steps} steps on the same pairs")
+    summary["dpo_lora"] = preference_stage(
+        "dpo", out, pair_file, pair_heldout_file, heldout_rows, dpo_steps, seed,
+        {"beta": 0.1, "learning_rate": 2e-3, "rpo_alpha": 1.0, "tuner_type": "lora"}, sft=summary["sft"],
+        name="dpo_lora",
     )
 
     # Stage 3: a reward model on the same pairs

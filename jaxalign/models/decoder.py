@@ -31,20 +31,24 @@ def _zeros(shape: tuple[int, ...], axes: tuple[str | None, ...]) -> nnx.Param:
 
 
 class Linear(nnx.Module):
-    """x @ kernel (+ bias); kernel is [in, out]."""
+    """x @ kernel (+ bias) (+ a LoRA adapter's update); kernel is [in, out]."""
 
     def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], *, bias: bool, rngs: nnx.Rngs):
         self.kernel = _param(rngs, (d_in, d_out), axes)
         self.bias = _zeros((d_out,), (axes[1],)) if bias else None
+        self.lora = nnx.data(None)  # a jaxalign.models.lora.LoRA under --tuner_type lora
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
         # A 2-D matmul over all leading positions: with [B, T, D] kept 3-D, XLA's CPU backend lays the
         # backward's weight gradient out through transposing copies (about a quarter of a train step at
         # the demo's size); flattened, the gradient is one plain matmul.
         lead = x.shape[:-1]
-        y = jnp.dot(x.reshape(-1, x.shape[-1]).astype(dtype), self.kernel[...].astype(dtype))
+        x2 = x.reshape(-1, x.shape[-1])
+        y = jnp.dot(x2.astype(dtype), self.kernel[...].astype(dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
+        if self.lora is not None:
+            y = y + self.lora(x2, dtype)
         return y.reshape(*lead, y.shape[-1])
 
 

@@ -22,6 +22,7 @@ from jaxalign.data.batching import stack_micro_batches
 from jaxalign.data.tokenizer import stop_token_ids
 from jaxalign.errors import ConfigError
 from jaxalign.rollout import generate
+from jaxalign.trainers.tuner import export_adapter, lora_reference
 
 
 class AlgorithmBase:
@@ -35,6 +36,7 @@ class AlgorithmBase:
         self.cfg = cfg
         self.spec = spec_of(self.name)
         self.ref_params = None
+        self.lora = None  # the LoRASettings under --tuner_type lora (set by trainers.tuner.apply_tuner)
 
     def prepare_model(self, model: nnx.Module, mesh, tokenizer) -> nnx.Module:
         """The module to train, built around the loaded model; loads ``--ref_model`` when the
@@ -63,9 +65,13 @@ class AlgorithmBase:
         pass
 
     def freeze_start_as_reference(self, trainer) -> None:
-        """The starting params, copied and frozen, as the reference (unless ``--ref_model`` gave one)."""
+        """The starting params, copied and frozen, as the reference (unless ``--ref_model`` gave one); under
+        LoRA the adapters switched off (or ``--ref_adapters``), with no second copy of the base."""
         if self.ref_params is None:
-            self.ref_params = jax.tree.map(jnp.copy, trainer.state.params)
+            if self.lora is not None:
+                self.ref_params = lora_reference(self, trainer)
+            else:
+                self.ref_params = jax.tree.map(jnp.copy, trainer.state.params)
 
     def extra(self):
         return self.ref_params
@@ -80,6 +86,10 @@ class AlgorithmBase:
         return module
 
     def export(self, trainer) -> None:
+        """A Hugging Face folder in output_dir; under LoRA the adapter in PEFT's format."""
+        if self.lora is not None:
+            export_adapter(self, trainer, trainer.policy(), trainer.out, base_model=self.cfg.model)
+            return
         save_hf_model(trainer.policy(), trainer.out, tokenizer=trainer.tokenizer, overwrite=True)
 
 

@@ -21,10 +21,11 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.convert import load_any_model, save_hf_model
-from jaxalign.convert.value_head_io import load_reward_model, save_reward_model
+from jaxalign.convert.value_head_io import load_reward_model, save_reward_model, save_value_head
 from jaxalign.data.collate import collate_prompt
 from jaxalign.errors import ConfigError
 from jaxalign.trainers.algorithm import RolloutAlgorithm
+from jaxalign.trainers.tuner import export_adapter
 from jaxalign.trainers.ppo_step import PolicyAndValue, PPOUpdate, advantages_and_returns, rollout_forward
 
 
@@ -47,18 +48,19 @@ class PPO(RolloutAlgorithm):
     def prepare_model(self, policy, mesh, tokenizer) -> PolicyAndValue:
         """Load the reference, reward and value models beside the policy; train policy + value."""
         cfg = self.cfg
-        ref = load_any_model(cfg.ref_model or cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
+        lora = cfg.get("tuner_type") == "lora"  # then the reference is the policy with its adapters off
+        ref = None if lora else load_any_model(cfg.ref_model or cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
         reward = load_reward_model(cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh)
         value = load_reward_model(cfg.value_model or cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh)
-        for name, m in (("--reward_model", reward), ("--value_model", value), ("--ref_model", ref)):
+        for name, m in (("--reward_model", reward), ("--value_model", value), ("--ref_model", ref or policy)):
             if m.config.vocab_size != policy.config.vocab_size:
                 raise ConfigError(
                     f"{name}: vocabulary of {m.config.vocab_size} tokens differs from the policy's "
                     f"{policy.config.vocab_size}; PPO needs models that share the tokenizer"
                 )
-        self.memory = {"policy": param_bytes(policy), "ref_model": param_bytes(ref),
+        self.memory = {"policy": param_bytes(policy), "ref_model": param_bytes(ref) if ref is not None else 0,
                        "reward_model": param_bytes(reward), "value_model": param_bytes(value)}
-        self.ref_graphdef, self.ref_params_frozen = nnx.split(ref)
+        self.ref_graphdef, self.ref_params_frozen = nnx.split(ref) if ref is not None else (None, None)
         self.rm_graphdef, self.rm_params = nnx.split(reward)
         return PolicyAndValue(policy, value)
 
@@ -80,6 +82,9 @@ class PPO(RolloutAlgorithm):
         super().setup(trainer)
         cfg = self.cfg
         self.graphdef, self.rest = trainer.graphdef, trainer.rest
+        if self.ref_graphdef is None:  # LoRA: the policy with its adapters off (or --ref_adapters)
+            self.freeze_start_as_reference(trainer)
+            self.ref_params_frozen = self.ref_params
         self.update = PPOUpdate(cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
                                 temperature=_train_temperature(cfg.temperature))
         self.eval_rows = list(trainer.data.val[:16]) if trainer.data.val else list(trainer.data.train[:16])
@@ -106,6 +111,13 @@ class PPO(RolloutAlgorithm):
     def export(self, trainer) -> None:
         """The policy as a Hugging Face folder in output_dir; the value model in output_dir/value_model."""
         models = trainer.model()
+        if self.lora is not None:  # each model's adapter in PEFT's format; the value head trained fully beside it
+            cfg = self.cfg
+            export_adapter(self, trainer, models.policy, trainer.out, base_model=cfg.model)
+            export_adapter(self, trainer, models.value.backbone, trainer.out / "value_model",
+                           base_model=cfg.value_model or cfg.reward_model,
+                           extra_files=lambda staging: save_value_head(models.value.v_head, staging))
+            return
         save_hf_model(models.policy, trainer.out, tokenizer=trainer.tokenizer, overwrite=True)
         save_reward_model(models.value, trainer.out / "value_model", tokenizer=trainer.tokenizer, overwrite=True)
 
@@ -132,9 +144,12 @@ class PPO(RolloutAlgorithm):
 
         @functools.partial(jax.jit, static_argnums=(5,))
         def fwd(params, ref_params, rm_params, ids, mask, prompt_len):
+            if ref_gd is None:  # LoRA: trainable-shaped params with the adapters off, on the shared base
+                ref = nnx.merge(graphdef, ref_params, rest).policy
+            else:
+                ref = nnx.merge(ref_gd, ref_params)
             return rollout_forward(
-                nnx.merge(graphdef, params, rest), nnx.merge(ref_gd, ref_params), nnx.merge(rm_gd, rm_params),
-                ids, mask, prompt_len, temperature,
+                nnx.merge(graphdef, params, rest), ref, nnx.merge(rm_gd, rm_params), ids, mask, prompt_len, temperature,
             )
 
         return fwd

@@ -12,10 +12,17 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jaxalign.convert.checkpoint_io import is_reward_checkpoint, load_checkpoint_model
-from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head, place_on_mesh, save_reward_model
+from jaxalign.convert.value_head_io import (
+    VALUE_HEAD_FILE,
+    load_value_head,
+    place_on_mesh,
+    save_reward_model,
+    save_value_head,
+)
 from jaxalign.losses.reward import reward_loss
 from jaxalign.models.value_head import RewardModel, new_reward_model
 from jaxalign.trainers.algorithm import OfflineAlgorithm
+from jaxalign.trainers.tuner import export_adapter
 
 
 def pair_scores(model: RewardModel, micro):
@@ -72,5 +79,11 @@ class RewardModelling(OfflineAlgorithm):
         return loss, metrics
 
     def export(self, trainer) -> None:
-        """Backbone as a Hugging Face folder in output_dir, head as output_dir/value_head.safetensors."""
-        save_reward_model(trainer.model(), trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)
+        """Backbone as a Hugging Face folder in output_dir, head as output_dir/value_head.safetensors (under
+        LoRA: the backbone's adapter in PEFT's format, with the fully trained head beside it)."""
+        model = trainer.model()
+        if self.lora is not None:
+            export_adapter(self, trainer, model.backbone, trainer.out, base_model=self.cfg.model,
+                           extra_files=lambda staging: save_value_head(model.v_head, staging))
+            return
+        save_reward_model(model, trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)

@@ -13,6 +13,7 @@ from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import ConfigError
 from jaxalign.parallel import initialize_distributed, run_mesh
 from jaxalign.trainers.trainer import Trainer
+from jaxalign.trainers.tuner import apply_tuner
 
 
 def load_data(cfg, task: str, tokenizer, *, quiet: bool = False):
@@ -44,6 +45,10 @@ def build_trainer(cfg, algorithm=None, *, quiet: bool = False) -> Trainer:
     """Mesh, tokenizer, data and models as ``cfg`` says (the algorithm from the registry unless given),
     wrapped in a ready Trainer. Data comes before the model: a bad row is reported before a (possibly
     large) model is loaded."""
+    if not cfg.model and cfg.get("adapters"):  # as ms-swift: the adapter's config names its base
+        from jaxalign.convert.peft_io import read_adapter_config
+
+        cfg.model = read_adapter_config(cfg.adapters, "--adapters")[1]
     check_required_inputs(cfg)
     algorithm = algorithm or make_algorithm(cfg)
     check_output_dir(cfg)
@@ -51,7 +56,7 @@ def build_trainer(cfg, algorithm=None, *, quiet: bool = False) -> Trainer:
     mesh, tokenizer = run_mesh(cfg.mesh), load_tokenizer(cfg.model)
     data = load_data(cfg, algorithm.name, tokenizer, quiet=quiet)
     model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
-    model = algorithm.prepare_model(model, mesh, tokenizer)
+    model = apply_tuner(cfg, algorithm, algorithm.prepare_model(model, mesh, tokenizer))
     return Trainer(cfg, algorithm, model, tokenizer, data, mesh)
 
 

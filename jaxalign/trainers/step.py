@@ -17,6 +17,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxalign.models.lora import seed_dropout, trainable_filter
 from jaxalign.parallel.rules import param_shardings
 
 
@@ -46,8 +47,9 @@ class CompileCounter:
 
 
 def split_model(model: nnx.Module):
-    """(graphdef, params, rest): params are the trainable nnx.Param variables."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    """(graphdef, params, rest): params are what trains (every nnx.Param; under LoRA the adapters and any
+    value head), rest the frozen remainder."""
+    graphdef, params, rest = nnx.split(model, trainable_filter(model), ...)
     return graphdef, params, rest
 
 
@@ -118,6 +120,7 @@ def build_train_step(
 
         def micro_loss(params, micro, rng):
             model = nnx.merge(graphdef, params, rest)
+            seed_dropout(model, jax.random.fold_in(rng, 0x4C6F5241))  # "LoRA": apart from the loss rng
             return loss_fn(model, micro, totals, extra, rng)
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)

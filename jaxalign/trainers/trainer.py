@@ -23,6 +23,7 @@ from jaxalign.data.batching import BatchIterator, make_buckets, parse_buckets, s
 from jaxalign.data.tokenizer import pad_id_of
 from jaxalign.errors import TrainingDiverged
 from jaxalign.models.decoder import set_remat
+from jaxalign.models.lora import cast_frozen, trainable_summary
 from jaxalign.convert.checkpoint_io import read_meta
 from jaxalign.trainers.checkpoint import CheckpointWriter, resolve_resume, restore_state, run_meta, write_run_files
 from jaxalign.trainers.logging import MetricsLogger
@@ -46,6 +47,7 @@ class Algorithm(Protocol):
     gives the defaults."""
 
     name: str  # the rlhf_type ("sft" for SFT): its registry entry and data kind
+    lora: Any  # LoRASettings under --tuner_type lora, else None
     curve_keys: tuple[str, ...]  # curves.png panels
     progress_keys: tuple[str, ...]  # shown on the progress bar
 
@@ -89,6 +91,11 @@ class Trainer:
         self.model_config = model.config
         set_remat(model, cfg.gradient_checkpointing)
         self.graphdef, params, self.rest = split_model(model)
+        if algorithm.lora is not None:
+            # The frozen base in the compute dtype (bfloat16 halves it); adapters and Adam's moments stay float32.
+            self.rest = cast_frozen(self.rest, cfg.torch_dtype)
+            if self.main_process:
+                print("jaxalign: " + trainable_summary(params, self.rest))
         dp = mesh.shape["data"] * mesh.shape["fsdp"]
         self.data_parallel = dp
         self.micro_batch = cfg.per_device_train_batch_size * dp
@@ -171,7 +178,10 @@ class Trainer:
         return int(meta["step"])
 
     def _meta(self, step: int) -> dict:
-        return run_meta(step, self.batches, self.cfg, self.model_config, self.algo.name, **self.algo.state_dict())
+        extra = dict(self.algo.state_dict())
+        if self.algo.lora is not None:  # what `jaxalign export --ckpt_dir` needs to rebuild the adapters
+            extra["lora"] = dataclasses.asdict(self.algo.lora)
+        return run_meta(step, self.batches, self.cfg, self.model_config, self.algo.name, **extra)
 
     def _check_finite(self, step: int, metrics: dict, last_saved: int) -> None:
         """A non-finite loss or gradient norm means this step's update already poisoned the params."""
