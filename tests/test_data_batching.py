@@ -104,13 +104,13 @@ def test_kto_kl_pairs_rotate_completions():
     assert b["label"].dtype == np.bool_ and b["label"].tolist() == [False, True, False]
     assert b["input_ids"][0].tolist() == ids("p0c", IM_END) + [PAD] * 4
     assert b["loss_mask"][0].tolist() == [0, 0, 1, 1, 0, 0, 0, 0]
-    # KL row i = prompt i + completion (i + 1) mod B
-    assert b["kl_input_ids"][0].tolist() == ids("p0cc", IM_END) + [PAD] * 3
-    assert b["kl_input_ids"][1].tolist() == ids("p1ccc", IM_END) + [PAD] * 2
-    assert b["kl_input_ids"][2].tolist() == ids("p2c", IM_END) + [PAD] * 4
-    assert b["kl_loss_mask"][1].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
-    assert b["kl_attention_mask"].sum(1).tolist() == [5, 6, 4]
-    # The batch length covers the KL rows: lengths 4,5,6 but KL row 1 is 6 -> bucket 8 either way;
+    # KL row i = prompt i + completion (i - 1) mod B (TRL's KTOTrainer rotation)
+    assert b["kl_input_ids"][0].tolist() == ids("p0ccc", IM_END) + [PAD] * 2
+    assert b["kl_input_ids"][1].tolist() == ids("p1c", IM_END) + [PAD] * 4
+    assert b["kl_input_ids"][2].tolist() == ids("p2cc", IM_END) + [PAD] * 3
+    assert b["kl_loss_mask"][0].tolist() == [0, 0, 1, 1, 1, 1, 0, 0]
+    assert b["kl_attention_mask"].sum(1).tolist() == [6, 4, 5]
+    # The batch length covers the KL rows: lengths 4,5,6 but KL row 0 is 6 -> bucket 8 either way;
     # with buckets [4, 8] a batch of the two shortest rows still fits the longer KL row.
     it = BatchIterator(exs, 2, [4, 5, 8], seed=0, drop_last=False)
     assert it.make_batch([0, 1])["kl_input_ids"].shape == (2, 5)

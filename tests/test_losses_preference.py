@@ -435,3 +435,14 @@ def test_bad_hyperparameters_raise_config_error():
         simpo_loss(x, x, beta=-2.0)
     with pytest.raises(ConfigError, match="desirable_weight"):
         kto_loss(x, x, x, x, 0.0, desirable_weight=-1.0)
+
+
+def test_clear_wins_ignores_float32_rounding_but_not_real_margins():
+    """rewards/accuracies' tie rule: a difference below 2^-20 of the log-probs behind it is rounding."""
+    from jaxalign.losses.preference import LOGP_RESOLUTION, clear_wins
+
+    magnitude = np.array([0.1 * 4 * 130.0] * 4)  # beta x (|c| + |r| + |ref c| + |ref r|), sums of ~130
+    noise = LOGP_RESOLUTION * magnitude
+    diffs = np.array([0.5 * noise[0], -0.5 * noise[0], 2.0 * noise[0], 1e-3])
+    assert np.asarray(clear_wins(diffs, magnitude)).tolist() == [0.0, 0.0, 1.0, 1.0]
+    assert np.asarray(clear_wins(np.array([1e-9]), np.array([0.0]))).tolist() == [1.0]  # no log-probs: strict >

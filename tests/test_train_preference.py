@@ -67,31 +67,36 @@ def _trainer(env, **kw):
 
 # ----- the reference computation, independent of jaxalign's log-prob code ------------------
 def _seq_logps(model, ids, attn, mask):
-    """(sum of response-token log-probs [N], response token counts [N], per-token logps [N, L]) in float64."""
+    """(sum of response-token log-probs [N], response token counts [N], per-token logps [N, L] (every
+    position; 0 at position 0 and on padding)) in float64."""
     logits = np.asarray(model(ids, attn), dtype=np.float64)
     m = logits.max(-1, keepdims=True)
     lsm = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
     tok = np.zeros(ids.shape, np.float64)
     for r in range(ids.shape[0]):
         for t in range(1, ids.shape[1]):
-            tok[r, t] = lsm[r, t - 1, ids[r, t]]
+            tok[r, t] = lsm[r, t - 1, ids[r, t]] * attn[r, t]
     mask = np.asarray(mask, np.float64)
-    return (tok * mask).sum(-1), mask.sum(-1), tok * mask
+    return (tok * mask).sum(-1), mask.sum(-1), tok
 
 
 def _pair_logps(model, batch):
-    """Over all micro-batches of [A, B, L] arrays: chosen/rejected sums, counts, chosen NLL token mean."""
-    out = {k: [] for k in ("c", "r", "nc", "nr", "ctok")}
+    """Over all micro-batches of [A, B, L] arrays: chosen/rejected sums, counts, chosen NLL token mean over
+    the response (``nll``) and over prompt and response (``full_nll``, ORPO's as TRL computes it)."""
+    out = {k: [] for k in ("c", "r", "nc", "nr", "ctok", "ftok", "nf")}
     for a in range(batch["chosen_input_ids"].shape[0]):
         for side, key in (("chosen", "c"), ("rejected", "r")):
-            s, n, tok = _seq_logps(model, batch[f"{side}_input_ids"][a], batch[f"{side}_attention_mask"][a],
-                                   batch[f"{side}_loss_mask"][a])
+            attn, mask = batch[f"{side}_attention_mask"][a], batch[f"{side}_loss_mask"][a]
+            s, n, tok = _seq_logps(model, batch[f"{side}_input_ids"][a], attn, mask)
             out[key].append(s)
             out["n" + key].append(n)
             if side == "chosen":
-                out["ctok"].append(tok.sum())
-    res = {k: np.concatenate(v) if k != "ctok" else float(np.sum(v)) for k, v in out.items()}
+                out["ctok"].append((tok * mask).sum())
+                out["ftok"].append(tok.sum())
+                out["nf"].append(attn[:, 1:].sum())
+    res = {k: np.concatenate(v) if k in ("c", "r", "nc", "nr") else float(np.sum(v)) for k, v in out.items()}
     res["nll"] = -res["ctok"] / res["nc"].sum()
+    res["full_nll"] = -res["ftok"] / res["nf"]
     return res
 
 
@@ -121,7 +126,7 @@ def _expected(kind, pol, ref=None, *, beta, loss_types=("sigmoid",), weights=(1.
         return np.mean(-logsig(beta * (ac - ar) - gamma)) + nll_weight * pol["nll"]
     assert kind == "orpo"
     log_odds = (ac - ar) - (np.log(-np.expm1(ac)) - np.log(-np.expm1(ar)))
-    return np.mean(-beta * logsig(log_odds)) + pol["nll"]
+    return np.mean(-beta * logsig(log_odds)) + pol["full_nll"]
 
 
 def _first_step(env, **kw):
@@ -163,9 +168,12 @@ def test_first_step_loss_matches_formula_then_learns(env, case):
     ref = _pair_logps(env["ref"], batch) if kind == "dpo" else None
     want = _expected(kind, pol, ref, **spec)
     assert m["loss"] == pytest.approx(want, rel=1e-5, abs=1e-5)
-    assert m["nll_loss"] == pytest.approx(pol["nll"], rel=1e-5)
-    assert m["logps/chosen"] == pytest.approx(np.mean(pol["c"]), rel=1e-5, abs=1e-5)
-    assert m["logps/rejected"] == pytest.approx(np.mean(pol["r"]), rel=1e-5, abs=1e-5)
+    # as TRL logs them: ORPO's NLL covers prompt and response; SimPO and ORPO log length-averaged log-probs
+    assert m["nll_loss"] == pytest.approx(pol["full_nll" if kind == "orpo" else "nll"], rel=1e-5)
+    averaged = kind in ("simpo", "orpo")
+    logps_c, logps_r = (pol["c"] / pol["nc"], pol["r"] / pol["nr"]) if averaged else (pol["c"], pol["r"])
+    assert m["logps/chosen"] == pytest.approx(np.mean(logps_c), rel=1e-5, abs=1e-5)
+    assert m["logps/rejected"] == pytest.approx(np.mean(logps_r), rel=1e-5, abs=1e-5)
     if case == "dpo_sigmoid":
         cr = spec["beta"] * (pol["c"] - ref["c"])
         rr = spec["beta"] * (pol["r"] - ref["r"])
@@ -224,6 +232,8 @@ def test_sharded_step_equals_single_device(env):
     m2 = jax.device_get(sharded.train_step(b2))
     assert float(m1["loss"]) == pytest.approx(math.log(2.0), abs=1e-6)
     assert float(m1["rewards/margins"]) == pytest.approx(0.0, abs=1e-6)
+    # the reference forward differs from the policy's only in float32 rounding: no pair is a win (TRL logs 0)
+    assert float(m1["rewards/accuracies"]) == 0.0 and float(m2["rewards/accuracies"]) == 0.0
     assert float(m2["loss"]) == pytest.approx(float(m1["loss"]), abs=1e-5)
     assert float(m2["grad_norm"]) == pytest.approx(float(m1["grad_norm"]), rel=1e-4)
     assert float(m1["grad_norm"]) > 0

@@ -6,7 +6,7 @@
 - Pair: ``chosen_*`` and ``rejected_*`` versions of the three, one shared L, plus ``margin``
   float32 [B].
 - KTO: the SFT three, ``label`` bool [B], and ``kl_input_ids``/``kl_attention_mask``/
-  ``kl_loss_mask``: prompt i with completion (i+1) mod B.
+  ``kl_loss_mask``: prompt i with completion (i-1) mod B, as TRL's KTOTrainer pairs them.
 - Prompt: ``prompt_input_ids`` int32 [B,P] and ``prompt_attention_mask`` int32 [B,P], left
   padded, plus ``extras`` (a list of per-row dicts).
 """
@@ -22,8 +22,11 @@ from jaxalign.data.encode import EncodedExample, KTOExample, PairExample, Prompt
 
 
 def kl_rotation(n: int) -> list[int]:
-    """Completion index paired with prompt i in the KTO KL batch: ``(i + 1) % n``."""
-    return [(i + 1) % n for i in range(n)]
+    """Completion index paired with prompt i in the KTO KL batch: ``(i - 1) % n``.
+
+    TRL's KTOTrainer rotates the completions of a batch by one, ``[y_n, y_1, ..., y_{n-1}]``, so
+    prompt i meets completion i-1; the same pairing gives the same KL reference point."""
+    return [(i - 1) % n for i in range(n)]
 
 
 def required_length(examples: Sequence[EncodedExample], max_length: int | None = None) -> int:
@@ -89,7 +92,7 @@ def _kto_seq(prompt: np.ndarray, completion: np.ndarray) -> tuple[np.ndarray, np
 
 
 def collate_kto(examples: Sequence[KTOExample], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """KTO batch plus the mismatched KL batch (prompt i, completion (i+1) mod B), cut to ``length``."""
+    """KTO batch plus the mismatched KL batch (prompt i, completion (i-1) mod B), cut to ``length``."""
     out = _pad_right([_kto_seq(ex.prompt_ids, ex.completion_ids) for ex in examples], length, pad_id)
     rot = kl_rotation(len(examples))
     kl = _pad_right(

@@ -29,6 +29,8 @@ __all__ = [
     "orpo_loss",
     "kto_loss",
     "kto_kl",
+    "LOGP_RESOLUTION",
+    "clear_wins",
 ]
 
 DPO_LOSS_TYPES = (
@@ -87,6 +89,23 @@ def preference_loss_types(kind: str, loss_type: str | None, loss_weights: str | 
     if len(weights) != len(types):
         raise ConfigError(f"--loss_weights has {len(weights)} values for {len(types)} loss types; give one per type")
     return tuple(types), weights
+
+
+# Relative resolution of float32 log-prob sums (8 ulps). The reference forward is a separate
+# computation from the policy's, so with reference == policy their sums differ in the last bits;
+# a reward difference below this, relative to the log-probs it came from, is a tie, not a win.
+LOGP_RESOLUTION = 2.0 ** -20
+
+
+def clear_wins(differences, magnitudes):
+    """1.0 where ``differences`` exceeds what float32 resolves at ``magnitudes`` (both ``[B]``), else 0.0.
+
+    ``rewards/accuracies`` counts a pair as correct when its chosen reward beats the rejected one:
+    ``differences`` is ``chosen_reward - rejected_reward`` and ``magnitudes`` is ``beta`` times the sum
+    of the absolute log-probs behind the two rewards. With reference == policy the rewards are 0 up to
+    rounding, and TRL (whose two forwards are bit-identical) logs 0; so does this."""
+    differences = jnp.asarray(differences)
+    return (differences > LOGP_RESOLUTION * jnp.abs(jnp.asarray(magnitudes))).astype(differences.dtype)
 
 
 def _check_loss_type(loss_type, valid, what, aliases=None):

@@ -40,8 +40,11 @@ class GRPO(RolloutAlgorithm):
 
     # ----- set-up -------------------------------------------------------------------------
     def prepare_model(self, model, mesh, tokenizer):
-        """Build the reward functions (a reward model among them) before training starts."""
+        """Load ``--ref_model`` (while ``--beta`` > 0) and build the reward functions (a reward model among
+        them) before training starts."""
         cfg = self.cfg
+        if cfg.beta > 0:
+            model = super().prepare_model(model, mesh, tokenizer)
         self.reward_funcs = build_reward_funcs(split_names(cfg.reward_funcs), {k: cfg[k] for k in cfg.keys()},
                                                split_names(cfg.external_plugins))
         if cfg.reward_model:

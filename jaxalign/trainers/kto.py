@@ -3,7 +3,7 @@
 Rows are single (prompt, completion) examples with a boolean ``label``. Shapes are static in
 jit, so every row's loss is computed both as desirable and as undesirable and the right one is
 selected by ``label``. The KL reference point comes from the mismatched pairs of the same
-micro-batch (prompt i with completion i+1, built by :func:`jaxalign.data.collate.collate_kto`).
+micro-batch (prompt i with completion i-1, as TRL pairs them, built by :func:`jaxalign.data.collate.collate_kto`).
 The math lives in :func:`jaxalign.losses.kto_loss` and :func:`jaxalign.losses.kto_kl`.
 """
 
@@ -14,20 +14,29 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.errors import ConfigError
-from jaxalign.losses.preference import kto_kl, kto_loss
+from jaxalign.losses.preference import clear_wins, kto_kl, kto_loss
 from jaxalign.trainers.algorithm import OfflineAlgorithm
-from jaxalign.trainers.logprobs import sequence_logps, token_logps
+from jaxalign.trainers.logprobs import (
+    masked_row_sums,
+    predicting_positions,
+    sequence_logps,
+    token_logps,
+    vocab_mean_logits,
+)
 
 
 def kto_forward(model, micro):
-    """Sequence log-probs (sums over completion tokens) of the rows [B] and of the KL pairs [B],
-    from one forward over both."""
+    """From one forward over the rows and their KL pairs: sequence log-probs (sums over completion
+    tokens) of the rows [B] and of the KL pairs [B], and per row the sum over the positions predicting
+    its completion of the vocabulary-mean logit [B] (for ``logits/*``)."""
     b = micro["input_ids"].shape[0]
     ids = jnp.concatenate([micro["input_ids"], micro["kl_input_ids"]])
     attn = jnp.concatenate([micro["attention_mask"], micro["kl_attention_mask"]])
     mask = jnp.concatenate([micro["loss_mask"], micro["kl_loss_mask"]])
-    sums, _ = sequence_logps(token_logps(model(ids, attn), ids), mask)
-    return sums[:b], sums[b:]
+    logits = model(ids, attn)
+    sums, _ = sequence_logps(token_logps(logits, ids), mask)
+    logit_sums = masked_row_sums(vocab_mean_logits(logits[:b]), predicting_positions(micro["loss_mask"]))
+    return sums[:b], sums[b:], logit_sums
 
 
 class KTO(OfflineAlgorithm):
@@ -55,17 +64,20 @@ class KTO(OfflineAlgorithm):
 
     def totals_fn(self, batch):
         label = batch["label"].astype(jnp.float32)
+        positions = jnp.sum(predicting_positions(batch["loss_mask"]), axis=-1)
         return {
             "rows": jnp.asarray(label.size, jnp.float32),
             "chosen": jnp.maximum(jnp.sum(label), 1.0),
             "rejected": jnp.maximum(jnp.sum(1.0 - label), 1.0),
+            "chosen_positions": jnp.maximum(jnp.sum(positions * label), 1.0),
+            "rejected_positions": jnp.maximum(jnp.sum(positions * (1.0 - label)), 1.0),
         }
 
     def loss_fn(self, model, micro, totals, extra, rng):
         b = micro["input_ids"].shape[0]
-        logps, kl_logps = kto_forward(model, micro)
+        logps, kl_logps, logit_sums = kto_forward(model, micro)
         ref_model = nnx.merge(self._graphdef, extra, self._rest)
-        ref_logps, ref_kl_logps = jax.lax.stop_gradient(kto_forward(ref_model, micro))
+        ref_logps, ref_kl_logps, _ = jax.lax.stop_gradient(kto_forward(ref_model, micro))
         kl = kto_kl(kl_logps, ref_kl_logps)
         losses, rewards, _ = kto_loss(
             logps, logps, ref_logps, ref_logps, kl, beta=self.beta,
@@ -79,7 +91,9 @@ class KTO(OfflineAlgorithm):
         rows, nc, nr = totals["rows"], totals["chosen"], totals["rejected"]
         chosen_r = jnp.sum(rewards * g) / nc
         rejected_r = jnp.sum(rewards * u) / nr
-        correct = jnp.where(good, rewards > 0, rewards < 0).astype(jnp.float32)
+        # a reward within float32 rounding of 0 (reference == policy) has no sign (see clear_wins)
+        magnitude = self.beta * (jnp.abs(logps) + jnp.abs(ref_logps))
+        correct = jnp.where(good, clear_wins(rewards, magnitude), clear_wins(-rewards, magnitude))
         metrics = {
             "rewards/chosen": chosen_r,
             "rewards/rejected": rejected_r,
@@ -88,6 +102,9 @@ class KTO(OfflineAlgorithm):
             "rewards/accuracies": jnp.sum(correct) / rows,
             "logps/chosen": jnp.sum(logps * g) / nc,
             "logps/rejected": jnp.sum(logps * u) / nr,
+            # TRL's KTOTrainer: pooled over the positions predicting completion tokens of each label
+            "logits/chosen": jnp.sum(logit_sums * g) / totals["chosen_positions"],
+            "logits/rejected": jnp.sum(logit_sums * u) / totals["rejected_positions"],
             "kl": kl * b / rows,
         }
         return jnp.sum(row_loss) / rows, metrics

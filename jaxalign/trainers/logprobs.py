@@ -27,11 +27,22 @@ def sequence_logps(token_lp: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array
     return jnp.sum(token_lp * mask, axis=-1), jnp.sum(mask, axis=-1)
 
 
-def mean_logits_on_labels(logits: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Per-row mean over response positions of the vocabulary-mean logit (TRL's ``logits/*`` metric)."""
-    mask = loss_mask[:, 1:].astype(jnp.float32)
-    per_pos = jnp.mean(logits[:, :-1].astype(jnp.float32), axis=-1)
-    return jnp.sum(per_pos * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
+def vocab_mean_logits(logits: jax.Array) -> jax.Array:
+    """``out[b, t]`` = the mean over the vocabulary of the logits at position t (float32) [B, T]."""
+    return jnp.mean(logits.astype(jnp.float32), axis=-1)
+
+
+def predicting_positions(token_mask: jax.Array) -> jax.Array:
+    """The positions whose logits predict the tokens ``token_mask`` marks: position t-1 for token t.
+
+    Works on any leading shape; the last axis is the sequence."""
+    pad = [(0, 0)] * (token_mask.ndim - 1) + [(0, 1)]
+    return jnp.pad(token_mask[..., 1:], pad)
+
+
+def masked_row_sums(values: jax.Array, position_mask: jax.Array) -> jax.Array:
+    """Per-row sum of ``values`` [B, T] over the positions ``position_mask`` [B, T] marks."""
+    return jnp.sum(values * position_mask.astype(jnp.float32), axis=-1)
 
 
 def completion_logps(model, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: int,

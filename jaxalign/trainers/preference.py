@@ -17,24 +17,34 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.data.batching import BatchIterator
 from jaxalign.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
-from jaxalign.losses.preference import LENGTH_AVERAGED, preference_loss_types
+from jaxalign.losses.preference import LENGTH_AVERAGED, clear_wins, preference_loss_types
 from jaxalign.trainers.algorithm import OfflineAlgorithm
-from jaxalign.trainers.logprobs import mean_logits_on_labels, sequence_logps, token_logps
+from jaxalign.trainers.logprobs import (
+    masked_row_sums,
+    predicting_positions,
+    sequence_logps,
+    token_logps,
+    vocab_mean_logits,
+)
 
 def pair_forward(model, micro):
-    """Chosen and rejected in one forward: (sum logps [2B], token counts [2B], mean label logits [2B],
-    per-token logps [2B, L], loss masks [2B, L])."""
+    """Chosen and rejected in one forward: (sum logps [2B], token counts [2B], vocabulary-mean logits
+    [2B, L], per-token logps [2B, L], loss masks [2B, L], attention masks [2B, L])."""
     ids = jnp.concatenate([micro["chosen_input_ids"], micro["rejected_input_ids"]])
     attn = jnp.concatenate([micro["chosen_attention_mask"], micro["rejected_attention_mask"]])
     mask = jnp.concatenate([micro["chosen_loss_mask"], micro["rejected_loss_mask"]])
     logits = model(ids, attn)
     tlp = token_logps(logits, ids)
     sums, counts = sequence_logps(tlp, mask)
-    return sums, counts, mean_logits_on_labels(logits, mask), tlp, mask
+    return sums, counts, vocab_mean_logits(logits), tlp, mask, attn
 
 
 class PairPreference(OfflineAlgorithm):
-    """``--rlhf_type dpo|cpo|simpo|orpo``: chosen and rejected of each row in one forward."""
+    """``--rlhf_type dpo|cpo|simpo|orpo``: chosen and rejected of each row in one forward.
+
+    Logged metrics mean what TRL's trainer of the same algorithm logs (``DPOTrainer``; ``CPOTrainer``
+    for CPO and SimPO; ``ORPOTrainer``): see :meth:`logit_positions`, :meth:`nll_tokens` and the
+    ``logps/*`` and ``rewards/*`` notes in :meth:`loss_fn`."""
 
     curve_keys = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss")
 
@@ -47,12 +57,35 @@ class PairPreference(OfflineAlgorithm):
         # MPO: an "sft" entry in a DPO mixture adds the chosen NLL with its weight.
         self.nll_weight += sum(w for t, w in zip(self.loss_types, self.loss_weights) if t == "sft")
         self.needs_reference = self.name == "dpo" and not cfg.reference_free
+        # CPO's ipo, SimPO and ORPO feed length-averaged log-probs to the loss and, as TRL, log those.
+        self.logs_averages = self.name in ("simpo", "orpo") or (
+            self.name == "cpo" and self.loss_types[0] in LENGTH_AVERAGED)
         self._graphdef = self._rest = None
         # bco_pair: the running mean of the rewards (TRL's RunningMoments), kept on the host and
         # fed to the step; updated after each step with that step's rewards (one step behind TRL).
         self.uses_bco = "bco_pair" in self.loss_types
         self.bco_mean, self.bco_count = 0.0, 0
         self._replicated = None
+
+    def logit_positions(self, loss_mask, attention_mask):
+        """Positions averaged into ``logits/chosen`` and ``logits/rejected`` (pooled over the batch).
+
+        DPO: the positions predicting response tokens (TRL's DPOTrainer). CPO and SimPO: every position
+        (TRL's CPOTrainer takes the mean of the whole logits tensor); ORPO: every position that predicts
+        a token of the sequence (TRL's ORPOTrainer drops the last). TRL also averages in padding; these
+        count real tokens only, so the figure does not depend on the padded width."""
+        if self.name == "dpo":
+            return predicting_positions(loss_mask)
+        if self.name == "orpo":
+            return predicting_positions(attention_mask)
+        return attention_mask
+
+    def nll_tokens(self, loss_mask, attention_mask):
+        """Tokens of the chosen NLL (``nll_loss``): the response, or for ORPO prompt and response, as TRL's
+        ORPOTrainer computes it (every real token but the first, which nothing predicts)."""
+        if self.name == "orpo":
+            return attention_mask.astype(jnp.float32) * (jnp.arange(attention_mask.shape[-1]) > 0)
+        return loss_mask.astype(jnp.float32)
 
     def setup(self, trainer) -> None:
         self._graphdef, self._rest = trainer.graphdef, trainer.rest
@@ -85,9 +118,12 @@ class PairPreference(OfflineAlgorithm):
 
     def totals_fn(self, batch):
         rows = batch["chosen_input_ids"].shape[0] * batch["chosen_input_ids"].shape[1]
+        side = {k: (batch[f"{k}_loss_mask"], batch[f"{k}_attention_mask"]) for k in ("chosen", "rejected")}
         return {
             "rows": jnp.asarray(rows, jnp.float32),
-            "chosen_tokens": jnp.maximum(jnp.sum(batch["chosen_loss_mask"]), 1.0),
+            "chosen_tokens": jnp.maximum(jnp.sum(self.nll_tokens(*side["chosen"])), 1.0),
+            "chosen_logit_positions": jnp.maximum(jnp.sum(self.logit_positions(*side["chosen"])), 1.0),
+            "rejected_logit_positions": jnp.maximum(jnp.sum(self.logit_positions(*side["rejected"])), 1.0),
         }
 
     def loss_fn(self, model, micro, totals, extra, rng):
@@ -95,31 +131,36 @@ class PairPreference(OfflineAlgorithm):
         if self.uses_bco:
             extra, bco_delta = extra["ref"], extra["bco_delta"]
         b = micro["chosen_input_ids"].shape[0]
-        sums, counts, label_logits, tlp, mask = pair_forward(model, micro)
+        sums, counts, mean_logits, tlp, mask, attn = pair_forward(model, micro)
         avg = sums / jnp.maximum(counts, 1.0)
-        nll_sum = -jnp.sum(tlp[:b] * mask[:b])
+        nll_sum = -jnp.sum(tlp[:b] * self.nll_tokens(mask[:b], attn[:b]))
+        logit_sums = masked_row_sums(mean_logits, self.logit_positions(mask, attn))
         ref_sums = ref_avg = None
         if self.name == "dpo" and not self.cfg.reference_free:
             if "ref_chosen_logps" in micro:
                 ref_sums = jnp.concatenate([micro["ref_chosen_logps"], micro["ref_rejected_logps"]])
             else:
                 ref_model = nnx.merge(self._graphdef, extra, self._rest)
-                ref_sums, _, _, _, _ = pair_forward(ref_model, micro)
-                ref_sums = jax.lax.stop_gradient(ref_sums)
+                ref_sums = jax.lax.stop_gradient(pair_forward(ref_model, micro)[0])
             ref_avg = ref_sums / jnp.maximum(counts, 1.0)
         losses, chosen_r, rejected_r, extra_metrics = self._losses(sums, avg, ref_sums, ref_avg, b, bco_delta)
+        # The log-probs behind the rewards, for telling a win from float32 rounding (clear_wins).
+        logged = avg if self.logs_averages else sums
+        behind = jnp.abs(logged) if ref_sums is None else jnp.abs(sums) + jnp.abs(ref_sums)
+        magnitude = self.beta * (behind[:b] + behind[b:])
         rows = totals["rows"]
         nll = nll_sum / totals["chosen_tokens"]
         loss = jnp.sum(losses) / rows + self.nll_weight * nll
         metrics = {
             "rewards/chosen": jnp.sum(chosen_r) / rows,
             "rewards/rejected": jnp.sum(rejected_r) / rows,
-            "rewards/accuracies": jnp.sum((chosen_r > rejected_r).astype(jnp.float32)) / rows,
+            "rewards/accuracies": jnp.sum(clear_wins(chosen_r - rejected_r, magnitude)) / rows,
             "rewards/margins": jnp.sum(chosen_r - rejected_r) / rows,
-            "logps/chosen": jnp.sum(sums[:b]) / rows,
-            "logps/rejected": jnp.sum(sums[b:]) / rows,
-            "logits/chosen": jnp.sum(label_logits[:b]) / rows,
-            "logits/rejected": jnp.sum(label_logits[b:]) / rows,
+            # DPO logs summed log-probs whatever the loss type; CPO's ipo, SimPO and ORPO the averages.
+            "logps/chosen": jnp.sum(logged[:b]) / rows,
+            "logps/rejected": jnp.sum(logged[b:]) / rows,
+            "logits/chosen": jnp.sum(logit_sums[:b]) / totals["chosen_logit_positions"],
+            "logits/rejected": jnp.sum(logit_sums[b:]) / totals["rejected_logit_positions"],
             "nll_loss": nll,
         }
         metrics.update({k: v * b / rows for k, v in extra_metrics.items()})
@@ -144,6 +185,9 @@ class PairPreference(OfflineAlgorithm):
                     label_smoothing=cfg.label_smoothing, reference_free=cfg.reference_free,
                     discopop_tau=cfg.discopop_tau, bco_delta=bco_delta if t == "bco_pair" else 0.0,
                 )
+                if t in LENGTH_AVERAGED:  # the loss averages; the logged rewards stay beta x summed log-ratio (TRL)
+                    rewards = jax.lax.stop_gradient(beta * (sums - (0.0 if ref_sums is None else ref_sums)))
+                    cr, rr = rewards[:b], rewards[b:]
                 total, chosen_r, rejected_r = total + w * losses, chosen_r + w * cr, rejected_r + w * rr
             return total, chosen_r, rejected_r, extra
         if self.name == "cpo":
@@ -167,8 +211,7 @@ class PairPreference(OfflineAlgorithm):
 
         @jax.jit
         def ref_logps(params, batch):
-            sums, _, _, _, _ = pair_forward(nnx.merge(graphdef, params, rest), batch)
-            return sums
+            return pair_forward(nnx.merge(graphdef, params, rest), batch)[0]
 
         bs = trainer.micro_batch
         it = BatchIterator(examples, bs, trainer.buckets, seed=0, pad_id=trainer.pad_id, drop_last=False)
