@@ -270,6 +270,20 @@ def table(results: list[dict], target_layers: int) -> str:
         for mode in ("full", "lora"):
             a, b = ext[mode]["total_bytes"]
             lines.append(f"  {mode}: total GiB/chip = {a / GIB:.3f} + {b / GIB:.4f} * layers")
+        # The temporaries need not grow linearly (XLA schedules and rematerialises per program); a second
+        # estimate: the resident bytes (arguments + outputs - aliased, exactly linear in depth) extrapolated,
+        # plus the temporaries of the deepest compile.
+        est = {}
+        for mode in ("full", "lora"):
+            rows = [r for r in results if r["mode"] == mode]
+            a, b = fit([(r["layers"], r["total_bytes"] - r["temp_bytes"]) for r in rows])
+            deepest = max(rows, key=lambda r: r["layers"])
+            est[mode] = (a + b * target_layers, deepest["temp_bytes"], deepest["layers"])
+        f, l = est["full"], est["lora"]
+        lines.append(
+            f"  resident bytes extrapolated + temporaries of the deepest compile: full {g(f[0] + f[1]).strip()} "
+            f"(temp at {f[2]} layers), LoRA {g(l[0] + l[1]).strip()} (temp at {l[2]} layers), "
+            f"LoRA/full {(l[0] + l[1]) / (f[0] + f[1]):.3f}")
     lines.append("GiB per chip; total = arguments + outputs - aliased (donated) + temporaries (XLA memory_analysis)")
     return "\n".join(lines)
 
