@@ -69,15 +69,17 @@ def test_resumed_final_weights_equal_uninterrupted_run(runs):
     assert sorted(p.name for p in runs["out"].glob("checkpoint-*")) == [f"checkpoint-{K}", f"checkpoint-{N}"]
 
 
-# A child `jaxalign sft` whose steps from K+2 on take 2 s more: the SIGTERM sent once step K+1 is logged
-# lands in the middle of step K+2 (the real signal, from outside; the sleep only widens the window).
+# A child `jaxalign sft` whose steps from K+2 on take 2 s more and which touches a marker file when it enters
+# step K+2: the SIGTERM sent once the marker exists lands in the middle of that step (the real signal, from
+# outside; waiting for a logged step instead raced with the end of step K+1).
 CHILD = """
-import sys, time
+import pathlib, sys, time
 from jaxalign.trainers.trainer import Trainer
 step_on, calls = Trainer.step_on, []
 def slow_step_on(self, batches):
     calls.append(1)
     if len(calls) >= {slow_from}:
+        pathlib.Path({marker!r}).touch()
         time.sleep(2.0)
     return step_on(self, batches)
 Trainer.step_on = slow_step_on
@@ -99,10 +101,11 @@ def test_sigterm_mid_run_saves_the_step_and_resumes_exactly(runs):
     argv[argv.index("--output_dir") + 1] = str(out)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     with open(root / "child.err", "w") as err:
-        child = subprocess.Popen([sys.executable, "-c", CHILD.format(slow_from=K + 2), *argv], cwd=REPO, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=err)
+        marker = root / "in_step_k_plus_2"
+        child = subprocess.Popen([sys.executable, "-c", CHILD.format(slow_from=K + 2, marker=str(marker)), *argv],
+                                 cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + 300
-        while K + 1 not in _logged_steps(out / "logging.jsonl"):
+        while not marker.exists():
             assert child.poll() is None, "the run ended before it could be interrupted"
             assert time.time() < deadline, "the run did not reach step K+1"
             time.sleep(0.05)
