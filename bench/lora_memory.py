@@ -124,7 +124,7 @@ def compile_step(mode: str, layers: int, mesh: Mesh, args) -> dict:
         return model
 
     model = nnx.eval_shape(build)  # abstract: no weights are allocated
-    set_remat(model, cfg.gradient_checkpointing)
+    set_remat(model, cfg.gradient_checkpointing, cfg.remat_policy)
     graphdef, params, rest = split_model(model)
     rest_sh = param_shardings(rest, mesh)
     params_sh = param_shardings(params, mesh)

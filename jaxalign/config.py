@@ -81,6 +81,9 @@ OPTIONS: dict[str, Option] = {
     "seed": Option(42, int, "seed for initialisation, dropout-free sampling and the trainer"),
     "data_seed": Option(42, int, "seed for dataset shuffling and sampling"),
     "gradient_checkpointing": Option(True, bool, "rematerialise each layer in the backward pass"),
+    "remat_policy": Option("full", str, "what gradient checkpointing keeps of a layer: full (only its input), "
+                           "save_dots (also its weight matmuls' outputs), none (everything)",
+                           ("full", "save_dots", "none")),
     "torch_dtype": Option("float32", str, "compute dtype (params stay float32)", ("float32", "bfloat16")),
     "mesh": Option("data=1,fsdp=-1,tensor=1", str, "device mesh, e.g. data=2,fsdp=-1,tensor=1"),
     # Logging and checkpoints

@@ -52,9 +52,13 @@ def assert_params_equal_hf(model, hf_state_dict):
     """Every jaxalign parameter equals its Hugging Face tensor exactly (transposed for linear weights)."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     table = weight_table(model.config)
-    assert len(table) == len(flat)  # no parameter left out of the table
+    assert {e.path for e in table} == set(flat)  # no parameter left out of the table
+    layers = model.config.num_hidden_layers
+    assert len(table) == sum(layers if p[0] == "layers" else 1 for p in flat)  # every layer of a stacked one
     for e in table:
         ours = np.asarray(flat[e.path][...])
+        if e.layer is not None:
+            ours = ours[e.layer]
         assert ours.dtype == np.float32, e.hf_name
         theirs = hf_state_dict[e.hf_name].float().numpy()
         np.testing.assert_array_equal(ours, theirs.T if e.transpose else theirs, err_msg=e.hf_name)

@@ -111,7 +111,7 @@ def test_bfloat16_compute_close_to_float32(built, family):
     model16 = load_hf_model(folder, dtype="bfloat16")
     # Master parameters stay float32; only the compute dtype changes.
     assert model16.embed_tokens[...].dtype == jnp.float32
-    assert model16.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.float32
+    assert model16.layers.self_attn.q_proj.kernel[...].dtype == jnp.float32
     ids, mask = padded_batch(LENGTHS, WIDTH, "left")
     ref = np.asarray(model32(ids, mask))
     logits = model16(ids, mask)

@@ -1,7 +1,7 @@
 """Gradient checkpointing changes memory, not numbers: two steps of every algorithm family that merges a
 model inside its loss (DPO against a second reference model, KTO and GRPO against the starting model, RM
 with evaluation under ``lax.map``) log the same losses and gradient norms and end at the same weights
-with ``--gradient_checkpointing`` on (the default) and off."""
+with ``--gradient_checkpointing`` on (the default) and off, and with the other ``--remat_policy`` choices."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def env(tmp_path_factory):
     }
 
 
-def run(kind, env, out, remat: bool):
-    args = [a.format(**env) for a in RUNS[kind]]
+def run(kind, env, out, remat: bool, policy: str = "full"):
+    args = [a.format(**env) for a in RUNS[kind]] + ["--remat_policy", policy]
     rc = main(["rlhf", "--model", env["base"], "--output_dir", str(out), "--max_steps", "2", "--max_length", "32",
                "--mesh", "data=1,fsdp=1,tensor=1", "--logging_steps", "1", "--learning_rate", "1e-3",
                "--gradient_checkpointing", str(remat).lower(), *args])
@@ -59,9 +59,14 @@ def run(kind, env, out, remat: bool):
     return logs, load_file(str(out / "model.safetensors"))
 
 
-@pytest.mark.parametrize("kind", list(RUNS))
-def test_remat_on_and_off_agree(kind, env, tmp_path):
-    logs_on, weights_on = run(kind, env, tmp_path / "on", True)
+CASES = [(kind, "full") for kind in RUNS] + [("dpo", "save_dots"), ("grpo", "none")]
+
+
+@pytest.mark.parametrize("kind,policy", CASES)
+def test_remat_on_and_off_agree(kind, policy, env, tmp_path):
+    """``--remat_policy`` full (the default) and save_dots recompute the layers' forward in the backward
+    pass; none, like ``--gradient_checkpointing false``, keeps it. All give the same numbers."""
+    logs_on, weights_on = run(kind, env, tmp_path / "on", True, policy)
     logs_off, weights_off = run(kind, env, tmp_path / "off", False)
     train = [(a, b) for a, b in zip(logs_on, logs_off) if "loss" in a]
     assert len(train) == 2 and len(logs_on) == len(logs_off)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import SHARDABLE, assert_state_dicts_identical, hf_row_logits, forward, max_diff_real, padded_batch, save_hf_model_dir
+from helpers import BASE, SHARDABLE, assert_state_dicts_identical, hf_row_logits, forward, max_diff_real, padded_batch, save_hf_model_dir
 from jaxalign.convert import load_hf_model, save_hf_model
 from jaxalign.errors import JaxalignError
 from jaxalign.parallel import batch_sharding, is_multi_host_environment, logical_to_spec, make_mesh
@@ -61,12 +61,16 @@ TOL = 1e-5
 LENGTHS = (10, 7, 3, 10, 1, 5, 8, 2)  # 8 rows: divisible by data x fsdp of every mesh
 
 
+# Parameters of the stacked (scanned) layers carry a leading, unsharded layers axis.
+LAYER_PARAMS = ("q_proj", "k_proj", "down_proj", "q_bias")
+
+
 def params(model):
-    attn = model.layers[1].self_attn
+    attn = model.layers.self_attn
     return {
         "q_proj": attn.q_proj.kernel[...],
         "k_proj": attn.k_proj.kernel[...],
-        "down_proj": model.layers[1].mlp.down_proj.kernel[...],
+        "down_proj": model.layers.mlp.down_proj.kernel[...],
         "embed_tokens": model.embed_tokens[...],
         "lm_head": model.lm_head[...],
         "q_bias": attn.q_proj.bias[...],
@@ -95,13 +99,15 @@ def test_sharded_load_and_forward(source, spec):
 
     for name, arr in params(model).items():
         want_spec, want_shard = expected[name]
+        if name in LAYER_PARAMS:
+            want_spec, want_shard = (None, *want_spec), (BASE["num_hidden_layers"], *want_shard)
         assert tuple(arr.sharding.spec) == want_spec, name
         assert arr.sharding.mesh.shape == mesh.shape, name
         assert set(arr.sharding.device_set) == set(devices), name
         assert {s.data.shape for s in arr.addressable_shards} == {want_shard}, name
-    norm = model.layers[0].input_layernorm.scale[...]
-    assert norm.sharding.is_fully_replicated and tuple(norm.sharding.spec) == (None,)
-    assert {s.data.shape for s in norm.addressable_shards} == {(64,)}
+    norm = model.layers.input_layernorm.scale[...]
+    assert norm.sharding.is_fully_replicated and tuple(norm.sharding.spec) == (None, None)
+    assert {s.data.shape for s in norm.addressable_shards} == {(BASE["num_hidden_layers"], 64)}
 
     batch = batch_sharding(mesh)
     logits = forward(model, jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch))

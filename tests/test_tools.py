@@ -60,7 +60,7 @@ def test_hf_to_checkpoint_and_back_is_bit_exact(base, tmp_path, capsys):
     # Saved laid out for fsdp=4 x tensor=2; read back onto another mesh, straight onto its shardings.
     mesh = make_mesh("data=1,fsdp=2,tensor=1", devices=jax.devices()[:2])
     model = load_checkpoint_model(ckpt, mesh=mesh)
-    kernel = model.layers[0].mlp.up_proj.kernel[...]
+    kernel = model.layers.mlp.up_proj.kernel[...]
     assert kernel.sharding.mesh.shape == mesh.shape and len(kernel.sharding.device_set) == 2
     assert tool("convert_jaxalign_to_hf")(["--ckpt_dir", str(ckpt), "--output_dir", str(tmp_path / "hf")]) == 0
     before, after = load_file(f"{base}/model.safetensors"), load_file(str(tmp_path / "hf" / "model.safetensors"))

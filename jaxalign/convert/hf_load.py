@@ -110,7 +110,7 @@ def load_decoder(folder: Path, config: ModelConfig, tensors: dict[str, Safetenso
                 f"{tensors[name].path}: unexpected tensor {name!r} for a {config.model_type} model with this "
                 "config.json; the checkpoint and config do not match"
             )
-    values = {}
+    sources: dict[tuple, dict[int | None, np.ndarray]] = {}  # path -> {layer: [in, out]-oriented view}
     for e in table:
         if e.hf_name not in tensors:
             raise CheckpointError(
@@ -119,6 +119,8 @@ def load_decoder(folder: Path, config: ModelConfig, tensors: dict[str, Safetenso
             )
         f = tensors[e.hf_name]
         want = tuple(flat[e.path].shape)
+        if e.layer is not None:
+            want = want[1:]
         have = f.shape(e.hf_name)
         if (have[::-1] if e.transpose else have) != want:
             hf_want = want[::-1] if e.transpose else want
@@ -127,9 +129,15 @@ def load_decoder(folder: Path, config: ModelConfig, tensors: dict[str, Safetenso
                 "the weights and config.json do not match — re-download or re-export the model"
             )
         arr = f.get(e.hf_name)
-        if e.transpose:
-            arr = arr.T
-        values[e.path] = _place(arr, want, None if shardings is None else shardings[e.path])
+        sources.setdefault(e.path, {})[e.layer] = arr.T if e.transpose else arr
+    values = {}
+    for path, parts in sources.items():
+        sharding = None if shardings is None else shardings[path]
+        shape = tuple(flat[path].shape)
+        if None in parts:
+            values[path] = _place(parts[None], shape, sharding)
+        else:
+            values[path] = _place_stacked([parts[i] for i in range(len(parts))], shape, sharding)
     pure = {}
     for p, v in values.items():
         node = pure
@@ -138,6 +146,17 @@ def load_decoder(folder: Path, config: ModelConfig, tensors: dict[str, Safetenso
         node[p[-1]] = v
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
+
+
+def _place_stacked(layers: list[np.ndarray], shape: tuple[int, ...], sharding) -> jax.Array:
+    """Float32 device array [L, ...] of the per-layer (memory-mapped) views, each device reading only its slice."""
+    if sharding is None:
+        return jnp.asarray(np.stack([np.asarray(a, dtype=np.float32) for a in layers]))
+
+    def read(idx):
+        return np.stack([np.asarray(layers[i][idx[1:]], dtype=np.float32) for i in range(*idx[0].indices(len(layers)))])
+
+    return jax.make_array_from_callback(shape, sharding, read)
 
 
 def _place(arr: np.ndarray, shape: tuple[int, ...], sharding) -> jax.Array:

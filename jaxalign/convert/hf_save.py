@@ -31,7 +31,10 @@ def hf_tensors(model: Decoder):
     """Yield (Hugging Face name, float32 numpy array) for every weight, one at a time."""
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     for e in weight_table(model.config):
-        arr = _host_array(flat[e.path][...]).astype(np.float32)
+        value = flat[e.path][...]
+        if e.layer is not None:  # one layer of a stacked parameter, sliced on the devices before the gather
+            value = value[e.layer]
+        arr = _host_array(value).astype(np.float32)
         yield e.hf_name, (arr.T if e.transpose else arr)
 
 

@@ -27,19 +27,23 @@ ADAPTER_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model.model."
 
 
-def _module_name(path: tuple) -> str:
-    """A linear layer's path inside a decoder -> its PEFT module name (without the lora suffix)."""
+def _module_name(path: tuple, layer: int) -> str:
+    """A linear layer's path inside a decoder's stacked layers and a layer index -> its PEFT module name
+    (without the lora suffix): ``base_model.model.model.layers.N.self_attn.q_proj``."""
     start = list(path).index("layers")
-    return _PREFIX + ".".join(str(p) for p in path[start:])
+    return _PREFIX + ".".join(str(p) for p in ("layers", layer, *path[start + 1:]))
 
 
 def adapter_tensors(decoder) -> dict[str, np.ndarray]:
-    """Every adapter of ``decoder`` as PEFT names and lays it out (float32 numpy)."""
+    """Every adapter of ``decoder`` as PEFT names and lays it out (float32 numpy), one pair per layer."""
     out = {}
     for path, lora in lora_modules(decoder).items():
-        name = _module_name(path)
-        out[f"{name}.lora_A.weight"] = np.ascontiguousarray(np.asarray(jax.device_get(lora.a[...]), np.float32).T)
-        out[f"{name}.lora_B.weight"] = np.ascontiguousarray(np.asarray(jax.device_get(lora.b[...]), np.float32).T)
+        a = np.asarray(jax.device_get(lora.a[...]), np.float32)  # [L, in, r]
+        b = np.asarray(jax.device_get(lora.b[...]), np.float32)  # [L, r, out]
+        for i in range(a.shape[0]):
+            name = _module_name(path, i)
+            out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
     return out
 
 
@@ -143,20 +147,21 @@ def load_adapter_weights(decoder, folder: str | Path, flag: str = "--adapters") 
     tensors = {k.replace(".default.", "."): v for k, v in tensors.items()}
     used = set()
     for path, lora in lora_modules(decoder).items():
-        name = _module_name(path)
         for part, var in (("lora_A", lora.a), ("lora_B", lora.b)):
-            key = f"{name}.{part}.weight"
-            if key not in tensors:
-                raise CheckpointError(f"{src}: tensor {key} is missing; the adapter does not fit this model")
-            want = tuple(reversed(var.shape))
-            if tuple(tensors[key].shape) != want:
-                raise CheckpointError(f"{src}: tensor {key} has shape {list(tensors[key].shape)}, this model needs "
-                                      f"{list(want)}; the adapter was trained for another model")
-            arr = np.asarray(tensors[key], np.float32).T
-            current = var[...]
-            sharding = getattr(current, "sharding", None)
+            layers, want = var.shape[0], tuple(reversed(var.shape[1:]))
+            stacked = []
+            for i in range(layers):
+                key = f"{_module_name(path, i)}.{part}.weight"
+                if key not in tensors:
+                    raise CheckpointError(f"{src}: tensor {key} is missing; the adapter does not fit this model")
+                if tuple(tensors[key].shape) != want:
+                    raise CheckpointError(f"{src}: tensor {key} has shape {list(tensors[key].shape)}, this model "
+                                          f"needs {list(want)}; the adapter was trained for another model")
+                stacked.append(np.asarray(tensors[key], np.float32).T)
+                used.add(key)
+            arr = np.stack(stacked)
+            sharding = getattr(var[...], "sharding", None)
             var[...] = jax.device_put(arr, sharding) if sharding is not None else arr
-            used.add(key)
     extra = sorted(set(tensors) - used)
     if extra:
         raise CheckpointError(f"{src}: tensor {extra[0]} names no adapted layer of this model; the adapter does not fit")

@@ -3,6 +3,8 @@
 Import and export both read :func:`weight_table`, so the two directions cannot drift apart.
 Each entry says which Hugging Face tensor feeds which parameter path and whether the
 matrix is transposed (Hugging Face stores linear weights as [out, in], we store [in, out]).
+The decoder's layers are stacked (scanned), so a per-layer tensor ``model.layers.N.…`` is entry
+``layer=N`` of a parameter whose leading axis is the layer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class WeightEntry:
     hf_name: str
     path: tuple[str | int, ...]
     transpose: bool
+    layer: int | None = None  # the index on the stacked parameter's leading (layers) axis
 
 
 # Tensors some checkpoints carry that hold no learned weight (recomputed at run time).
@@ -28,20 +31,20 @@ def weight_table(c: ModelConfig) -> list[WeightEntry]:
     """Every parameter of a decoder with config ``c``, paired with its Hugging Face name."""
     t: list[WeightEntry] = [WeightEntry("model.embed_tokens.weight", ("embed_tokens",), False)]
     for i in range(c.num_hidden_layers):
-        hf, ours = f"model.layers.{i}", ("layers", i)
+        hf, ours = f"model.layers.{i}", ("layers",)
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            t.append(WeightEntry(f"{hf}.self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), True))
+            t.append(WeightEntry(f"{hf}.self_attn.{proj}.weight", (*ours, "self_attn", proj, "kernel"), True, i))
             if (c.o_proj_bias if proj == "o_proj" else c.attention_bias):
-                t.append(WeightEntry(f"{hf}.self_attn.{proj}.bias", (*ours, "self_attn", proj, "bias"), False))
+                t.append(WeightEntry(f"{hf}.self_attn.{proj}.bias", (*ours, "self_attn", proj, "bias"), False, i))
         if c.qk_norm:
             for norm in ("q_norm", "k_norm"):
-                t.append(WeightEntry(f"{hf}.self_attn.{norm}.weight", (*ours, "self_attn", norm, "scale"), False))
+                t.append(WeightEntry(f"{hf}.self_attn.{norm}.weight", (*ours, "self_attn", norm, "scale"), False, i))
         for proj in ("gate_proj", "up_proj", "down_proj"):
-            t.append(WeightEntry(f"{hf}.mlp.{proj}.weight", (*ours, "mlp", proj, "kernel"), True))
+            t.append(WeightEntry(f"{hf}.mlp.{proj}.weight", (*ours, "mlp", proj, "kernel"), True, i))
             if c.mlp_bias:
-                t.append(WeightEntry(f"{hf}.mlp.{proj}.bias", (*ours, "mlp", proj, "bias"), False))
+                t.append(WeightEntry(f"{hf}.mlp.{proj}.bias", (*ours, "mlp", proj, "bias"), False, i))
         for norm in ("input_layernorm", "post_attention_layernorm"):
-            t.append(WeightEntry(f"{hf}.{norm}.weight", (*ours, norm, "scale"), False))
+            t.append(WeightEntry(f"{hf}.{norm}.weight", (*ours, norm, "scale"), False, i))
     t.append(WeightEntry("model.norm.weight", ("norm", "scale"), False))
     if not c.tie_word_embeddings:
         t.append(WeightEntry("lm_head.weight", ("lm_head",), True))

@@ -3,6 +3,11 @@
 Parameters are float32 masters carrying logical axis names (``axes`` metadata) that
 :mod:`jaxalign.parallel` maps onto the mesh. Matmuls run in the compute ``dtype``; norms,
 softmax and the returned logits are float32.
+
+The layers are *scanned* (MaxText's ``scan_layers``): ``Decoder.layers`` is one
+:class:`DecoderLayer` whose every variable carries a leading ``layers`` axis, and the forward is a
+``jax.lax.scan`` over it, so the compiled program holds one layer however deep the model is.
+Per-layer differences (a sliding window on some layers) are scanned inputs, not module attributes.
 """
 
 from __future__ import annotations
@@ -69,9 +74,8 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
     """Grouped-query attention with RoPE, optional qkv bias and q/k norm, and a KV cache."""
 
-    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs, sliding_window: int | None = None):
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
         self.c = c
-        self.sliding_window = sliding_window
         h, n, k, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_proj = Linear(h, n * d, ("embed", "heads"), bias=c.attention_bias, rngs=rngs)
         self.k_proj = Linear(h, k * d, ("embed", "kv_heads"), bias=c.attention_bias, rngs=rngs)
@@ -80,7 +84,10 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
 
-    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, layer_cache, dtype):
+    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
+        """``window``: this layer's sliding window (a traced int32 under the layer scan; ``NO_WINDOW`` for a
+        global layer) or None when no layer of the model has one. ``layer_cache``: (stacked keys [L, B, K, S, D],
+        stacked values, this layer's index, first free slot) or None."""
         c = self.c
         b, t, _ = x.shape
         q = self.q_proj(x, dtype).reshape(b, t, c.num_attention_heads, c.head_dim)
@@ -91,19 +98,22 @@ class Attention(nnx.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # heads-major [B, K, T, D], as the cache
         if layer_cache is not None:
-            cache_k, cache_v, start = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, 0, start, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, 0, start, 0))
-            new_cache = (k, v)
+            # Write the new keys/values into this layer's slots of the stacked cache in place, then read the layer.
+            keys, values, layer, start = layer_cache
+            keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), (layer, 0, 0, start, 0))
+            values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), (layer, 0, 0, start, 0))
+            k = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
+            new_cache = (keys, values)
         else:
             new_cache = None
-        out = _attend(q, k.astype(dtype), v.astype(dtype), key_valid, q_slots, k_slots, c, self.sliding_window)
+        out = _attend(q, k.astype(dtype), v.astype(dtype), key_valid, q_slots, k_slots, c, window)
         return self.o_proj(out.reshape(b, t, -1), dtype), new_cache
 
 
-def _attend(q, k, v, key_valid, q_slots, k_slots, c: ModelConfig, sliding_window: int | None = None):
+def _attend(q, k, v, key_valid, q_slots, k_slots, c: ModelConfig, sliding_window=None):
     """Softmax attention of q [B,T,N,D] over k, v [B,K,S,D]; masks are causal on slot indices
-    (and limited to the last ``sliding_window`` slots when given)."""
+    (and limited to the last ``sliding_window`` slots when given: an int or a traced int32 scalar)."""
     b, t, n, d = q.shape
     groups = c.num_query_groups
     q = q.reshape(b, t, c.num_key_value_heads, groups, d)
@@ -132,40 +142,56 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs, layer_index: int = 0):
+    def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c, rngs=rngs, sliding_window=c.layer_sliding_window(layer_index))
+        self.self_attn = Attention(c, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c, rngs=rngs)
 
-    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, layer_cache, dtype):
-        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, q_slots, k_slots, layer_cache, dtype)
+    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, q_slots, k_slots, window,
+                                         layer_cache, dtype)
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x), dtype)
         return x, new_cache
 
 
-def set_remat(module: nnx.Module, flag: bool) -> None:
-    """Turn gradient checkpointing on or off in every decoder inside ``module`` (a policy, a reward
-    model's backbone, PPO's policy and value model)."""
+# ``--remat_policy``: what the backward keeps of each layer's forward. "full" keeps only the layer's input
+# (recomputes the rest), "save_dots" also keeps the results of the weight matmuls (no batch dimensions;
+# attention's batched dots are recomputed), "none" keeps everything (no rematerialisation).
+REMAT_POLICIES = ("full", "save_dots", "none")
+
+# The window of a global layer in a model where other layers slide: larger than any sequence.
+NO_WINDOW = 2**30
+
+
+def set_remat(module: nnx.Module, flag: bool, policy: str = "full") -> None:
+    """Turn gradient checkpointing on (with ``policy``, one of :data:`REMAT_POLICIES`) or off in every decoder
+    inside ``module`` (a policy, a reward model's backbone, PPO's policy and value model)."""
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
     for _, node in nnx.iter_graph(module):
         if isinstance(node, Decoder):
-            node.remat = bool(flag)
+            node.remat = policy if flag else "none"
 
 
-def _rematerialised(layer: DecoderLayer, x, cos, sin, key_valid, q_slots, k_slots, dtype):
-    """``layer(x, ...)`` whose activations are recomputed in the backward pass.
+def _checkpoint_policy(policy: str):
+    if policy == "save_dots":
+        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    return None
 
-    The layer is split and merged inside a plain ``jax.checkpoint``, so the call is a pure function
-    of its state: it traces the same way whether the model is the one being differentiated or a
-    frozen reference merged inside the loss (``nnx.remat`` refused the latter).
-    """
-    graphdef, state = nnx.split(layer)
 
-    def run(state, x, cos, sin, key_valid, q_slots, k_slots):
-        return nnx.merge(graphdef, state)(x, cos, sin, key_valid, q_slots, k_slots, None, dtype)
-
-    return jax.checkpoint(run)(state, x, cos, sin, key_valid, q_slots, k_slots)
+def stack_layers(layers: list[nnx.Module]) -> nnx.Module:
+    """One module like ``layers[0]`` whose every variable is the layers' variables stacked on a new leading
+    axis, named ``layers`` in the ``axes`` metadata (replicated by the sharding rules)."""
+    graphdef, _ = nnx.split(layers[0])
+    states = [nnx.split(layer)[1] for layer in layers]
+    stacked = nnx.merge(graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states))
+    for _, node in nnx.iter_graph(stacked):
+        if isinstance(node, nnx.Variable):
+            axes = node.get_metadata().get("axes") or (None,) * (node.ndim - 1)
+            node.set_metadata("axes", ("layers", *axes))
+    return stacked
 
 
 class Decoder(nnx.Module):
@@ -178,10 +204,10 @@ class Decoder(nnx.Module):
     def __init__(self, config: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
         self.dtype = jnp.dtype(dtype)
-        self.remat = False
+        self.remat = "none"  # a remat policy; see set_remat
         c = config
         self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
-        self.layers = nnx.List([DecoderLayer(c, rngs=rngs, layer_index=i) for i in range(c.num_hidden_layers)])
+        self.layers = stack_layers([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = None if c.tie_word_embeddings else _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
@@ -203,27 +229,58 @@ class Decoder(nnx.Module):
             k_slots = jnp.arange(cache.max_len)
             key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
         x = self.embed_tokens[...][input_ids].astype(self.dtype)
-        new_keys, new_values = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], cache.index)
-            if self.remat and cache is None:
-                x, kv = _rematerialised(layer, x, cos, sin, key_valid, q_slots, k_slots, self.dtype)
-            else:
-                x, kv = layer(x, cos, sin, key_valid, q_slots, k_slots, layer_cache, self.dtype)
-            if kv is not None:
-                new_keys.append(kv[0])
-                new_values.append(kv[1])
+        x, new_kv = self._scan_layers(x, cos, sin, key_valid, q_slots, k_slots, cache)
         x = self.norm(x)
         if cache is None:
             return x, None
         new_cache = KVCache(
-            keys=tuple(new_keys),
-            values=tuple(new_values),
+            keys=new_kv[0],
+            values=new_kv[1],
             mask=key_valid,
             index=cache.index + t,
             lengths=cache.lengths + attention_mask.sum(axis=1),
         )
         return x, new_cache
+
+    def layer_windows(self) -> jax.Array | None:
+        """Each layer's sliding window (``NO_WINDOW`` for a global layer) [L] int32, or None when none slides."""
+        c = self.config
+        windows = [c.layer_sliding_window(i) for i in range(c.num_hidden_layers)]
+        if all(w is None for w in windows):
+            return None
+        return jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
+
+    def _scan_layers(self, x, cos, sin, key_valid, q_slots, k_slots, cache: KVCache | None):
+        """Run the stacked layers over ``x`` with ``jax.lax.scan``: (output, (keys, values) or None)."""
+        graphdef, state = nnx.split(self.layers)
+        windows = self.layer_windows()
+        dtype = self.dtype
+        layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
+        xs = (state, layer_ids if windows is None else windows, layer_ids)
+
+        if cache is None:
+            def body(x, xs):
+                layer_state, window, _ = xs
+                layer = nnx.merge(graphdef, layer_state)
+                y, _ = layer(x, cos, sin, key_valid, q_slots, k_slots, None if windows is None else window, None,
+                             dtype)
+                return y, None
+
+            if self.remat != "none":
+                body = jax.checkpoint(body, policy=_checkpoint_policy(self.remat), prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, xs)
+            return x, None
+
+        def cached_body(carry, xs):
+            x, keys, values = carry
+            layer_state, window, i = xs
+            layer = nnx.merge(graphdef, layer_state)
+            y, (keys, values) = layer(x, cos, sin, key_valid, q_slots, k_slots, None if windows is None else window,
+                                      (keys, values, i, cache.index), dtype)
+            return (y, keys, values), None
+
+        (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
+        return x, (keys, values)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states to vocabulary logits in float32."""

@@ -9,22 +9,23 @@ from flax import struct
 from jaxalign.models.config import ModelConfig
 
 
-# Keys and values are stored heads-major, [B, kv_heads, max_len, head_dim]: the attention dots then read them in
-# place; a [B, max_len, kv_heads, head_dim] cache costs a transpose copy of the whole cache per layer and step.
-KV_AXES = ("batch", "kv_heads", "length", None)
+# Keys and values are stored heads-major, [layers, B, kv_heads, max_len, head_dim]: the attention dots then read a
+# layer in place; a [.., max_len, kv_heads, head_dim] cache costs a transpose copy of the whole cache per layer and
+# step. The leading axis is the scanned layers' (see jaxalign.models.decoder).
+KV_AXES = ("layers", "batch", "kv_heads", "length", None)
 
 
 @struct.dataclass
 class KVCache:
-    """Per-layer keys and values [B, kv_heads, max_len, head_dim] and the slots' bookkeeping.
+    """Every layer's keys and values, stacked [layers, B, kv_heads, max_len, head_dim], and the slots' bookkeeping.
 
     ``mask`` marks slots holding real tokens (left padding of prompts stays 0), ``index`` is the
     next free slot (shared by every row), ``lengths`` counts each row's real tokens so far and
     gives the next position.
     """
 
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
+    keys: jax.Array
+    values: jax.Array
     mask: jax.Array  # [B, max_len] int32
     index: jax.Array  # [] int32
     lengths: jax.Array  # [B] int32
@@ -36,11 +37,10 @@ class KVCache:
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache for ``batch_size`` rows of at most ``max_len`` tokens."""
-    shape = (batch_size, config.num_key_value_heads, max_len, config.head_dim)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+    shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
     return KVCache(
-        keys=zeros,
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
         mask=jnp.zeros((batch_size, max_len), jnp.int32),
         index=jnp.zeros((), jnp.int32),
         lengths=jnp.zeros((batch_size,), jnp.int32),

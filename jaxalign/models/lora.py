@@ -58,19 +58,24 @@ def parse_target_modules(value) -> tuple[str, ...]:
 
 
 class LoRA(nnx.Module):
-    """``scaling * dropout(x) @ a @ b`` for x [N, in]; ``a`` [in, r], ``b`` [r, out], float32 masters."""
+    """``scaling * dropout(x) @ a @ b`` for x [N, in]; ``a`` [in, r], ``b`` [r, out], float32 masters.
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], settings: LoRASettings, *, rngs: nnx.Rngs):
+    On the decoder's stacked (scanned) layers ``lead`` is ``(layers,)``: ``a`` [L, in, r] and ``b`` [L, r, out],
+    and the layer scan hands each layer its own slice."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple, settings: LoRASettings, *, rngs: nnx.Rngs,
+                 lead: tuple[int, ...] = ()):
         r = settings.rank
+        lead_axes, axes = tuple(axes[: len(lead)]), tuple(axes[len(lead):])
         # PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0, so step 0 is the base.
         bound_a = d_in**-0.5
-        self.a = LoRAParam(jax.random.uniform(rngs.params(), (d_in, r), jnp.float32, -bound_a, bound_a),
-                           axes=(axes[0], None))
+        self.a = LoRAParam(jax.random.uniform(rngs.params(), (*lead, d_in, r), jnp.float32, -bound_a, bound_a),
+                           axes=(*lead_axes, axes[0], None))
         if settings.init_lora_weights:
-            b = jnp.zeros((r, d_out), jnp.float32)
+            b = jnp.zeros((*lead, r, d_out), jnp.float32)
         else:
-            b = jax.random.uniform(rngs.params(), (r, d_out), jnp.float32, -(r**-0.5), r**-0.5)
-        self.b = LoRAParam(b, axes=(None, axes[1]))
+            b = jax.random.uniform(rngs.params(), (*lead, r, d_out), jnp.float32, -(r**-0.5), r**-0.5)
+        self.b = LoRAParam(b, axes=(*lead_axes, None, axes[1]))
         self.scaling = float(settings.scaling)
         self.dropout = float(settings.dropout)
         self.dropout_key = nnx.data(None)
@@ -101,9 +106,9 @@ def add_lora(model: nnx.Module, settings: LoRASettings, *, seed: int = 0) -> int
         if path[-1] not in settings.target_modules:
             continue
         kernel = linear.kernel
-        d_in, d_out = kernel.shape
-        axes = tuple(kernel.get_metadata().get("axes") or (None, None))
-        lora = LoRA(d_in, d_out, axes, settings, rngs=rngs)
+        *lead, d_in, d_out = kernel.shape
+        axes = tuple(kernel.get_metadata().get("axes") or (None,) * kernel.ndim)
+        lora = LoRA(d_in, d_out, axes, settings, rngs=rngs, lead=tuple(lead))
         sharding = getattr(kernel[...], "sharding", None)
         if sharding is not None and hasattr(sharding, "mesh"):
             from jaxalign.parallel.rules import param_shardings
@@ -129,7 +134,10 @@ def seed_dropout(model: nnx.Module, rng: jax.Array) -> None:
     one (the reference, the sampler, evaluation) run without dropout."""
     for i, (_, node) in enumerate(nnx.iter_graph(model)):
         if isinstance(node, LoRA) and node.dropout > 0.0:
-            node.dropout_key = DropoutKey(jax.random.key_data(jax.random.fold_in(rng, i)))
+            key = jax.random.fold_in(rng, i)
+            lead = node.a.shape[:-2]  # stacked layers: one key per layer
+            keys = jax.random.split(key, lead) if lead else key
+            node.dropout_key = DropoutKey(jax.random.key_data(keys))
 
 
 def adapters_off(params):
@@ -149,7 +157,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         lora = linear.lora
         if lora is None:
             continue
-        delta = jnp.dot(lora.a[...].astype(jnp.float32), lora.b[...].astype(jnp.float32)) * lora.scaling
+        delta = jnp.matmul(lora.a[...].astype(jnp.float32), lora.b[...].astype(jnp.float32)) * lora.scaling
         kernel = linear.kernel[...]
         linear.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
         linear.lora = None

@@ -18,6 +18,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "layers": None,  # the scanned layers' stacking axis: every chip holds its slice of every layer
 }
 
 

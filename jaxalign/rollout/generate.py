@@ -191,10 +191,9 @@ def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) ->
 def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     if mesh is None:
         return cache
-    kv_axes = getattr(kv_cache, "KV_AXES", ("batch", "length", "kv_heads", None))
     return cache.replace(
-        keys=tuple(_constrain(k, kv_axes, mesh) for k in cache.keys),
-        values=tuple(_constrain(v, kv_axes, mesh) for v in cache.values),
+        keys=_constrain(cache.keys, kv_cache.KV_AXES, mesh),
+        values=_constrain(cache.values, kv_cache.KV_AXES, mesh),
         mask=_constrain(cache.mask, ("batch", "length"), mesh),
         lengths=_constrain(cache.lengths, ("batch",), mesh),
     )
@@ -218,8 +217,9 @@ def _sample(graphdef, s: _Settings, mesh, state, prompt_ids, prompt_mask, stops,
         seen = jnp.zeros((b, vocab), jnp.bool_).at[jnp.arange(b)[:, None], prompt_ids].max(prompt_mask > 0)
     if n > 1:  # one prefill per prompt, then n copies of its cache rows
         rep = functools.partial(jnp.repeat, repeats=n, axis=0)
+        rep_kv = functools.partial(jnp.repeat, repeats=n, axis=1)  # [layers, B, ...]
         cache = cache.replace(
-            keys=tuple(map(rep, cache.keys)), values=tuple(map(rep, cache.values)),
+            keys=rep_kv(cache.keys), values=rep_kv(cache.values),
             mask=rep(cache.mask), lengths=rep(cache.lengths),
         )
         logits, stops = rep(logits), rep(stops)

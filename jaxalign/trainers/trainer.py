@@ -104,7 +104,7 @@ class Trainer:
         self.main_process = jax.process_index() == 0
         self.pad_id = pad_id_of(tokenizer)
         self.model_config = model.config
-        set_remat(model, cfg.gradient_checkpointing)
+        set_remat(model, cfg.gradient_checkpointing, cfg.remat_policy)
         self.graphdef, params, self.rest = split_model(model)
         if algorithm.lora is not None:
             # The frozen base in the compute dtype (bfloat16 halves it); adapters and Adam's moments stay float32.
