@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign.models.attention import IMPLS as ATTN_IMPLS
+from jaxalign.models.attention import NO_WINDOW, attend
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.kv_cache import KVCache
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
-
-_NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float = 0.02) -> nnx.Param:
@@ -76,6 +76,7 @@ class Attention(nnx.Module):
 
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
         self.c = c
+        self.attn_impl = "auto"  # see jaxalign.models.attention and set_attn_impl
         h, n, k, d = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.q_proj = Linear(h, n * d, ("embed", "heads"), bias=c.attention_bias, rngs=rngs)
         self.k_proj = Linear(h, k * d, ("embed", "kv_heads"), bias=c.attention_bias, rngs=rngs)
@@ -107,26 +108,9 @@ class Attention(nnx.Module):
             new_cache = (keys, values)
         else:
             new_cache = None
-        out = _attend(q, k.astype(dtype), v.astype(dtype), key_valid, q_slots, k_slots, c, window)
+        out = attend(q, k.astype(dtype), v.astype(dtype), key_valid, q_slots, k_slots, sliding_window=window,
+                     impl=self.attn_impl, static_window=c.sliding_window)
         return self.o_proj(out.reshape(b, t, -1), dtype), new_cache
-
-
-def _attend(q, k, v, key_valid, q_slots, k_slots, c: ModelConfig, sliding_window=None):
-    """Softmax attention of q [B,T,N,D] over k, v [B,K,S,D]; masks are causal on slot indices
-    (and limited to the last ``sliding_window`` slots when given: an int or a traced int32 scalar)."""
-    b, t, n, d = q.shape
-    groups = c.num_query_groups
-    q = q.reshape(b, t, c.num_key_value_heads, groups, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
-    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
-    if sliding_window is not None:
-        allowed &= (q_slots[:, None] - k_slots[None, :]) < sliding_window
-    allowed = allowed[None, :, :] & (key_valid[:, None, :] > 0)  # [B, T, S]
-    scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
-    return out.reshape(b, t, n * d)
 
 
 class MLP(nnx.Module):
@@ -161,10 +145,6 @@ class DecoderLayer(nnx.Module):
 # attention's batched dots are recomputed), "none" keeps everything (no rematerialisation).
 REMAT_POLICIES = ("full", "save_dots", "none")
 
-# The window of a global layer in a model where other layers slide: larger than any sequence.
-NO_WINDOW = 2**30
-
-
 def set_remat(module: nnx.Module, flag: bool, policy: str = "full") -> None:
     """Turn gradient checkpointing on (with ``policy``, one of :data:`REMAT_POLICIES`) or off in every decoder
     inside ``module`` (a policy, a reward model's backbone, PPO's policy and value model)."""
@@ -173,6 +153,16 @@ def set_remat(module: nnx.Module, flag: bool, policy: str = "full") -> None:
     for _, node in nnx.iter_graph(module):
         if isinstance(node, Decoder):
             node.remat = policy if flag else "none"
+
+
+def set_attn_impl(module: nnx.Module, impl: str) -> None:
+    """Use attention implementation ``impl`` (one of :data:`jaxalign.models.attention.IMPLS`) in every
+    attention layer inside ``module``."""
+    if impl not in ATTN_IMPLS:
+        raise ValueError(f"attention implementation {impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Attention):
+            node.attn_impl = impl
 
 
 def _checkpoint_policy(policy: str):

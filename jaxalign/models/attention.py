@@ -1,0 +1,377 @@
+"""Softmax attention behind one function, :func:`attend`, with interchangeable implementations.
+
+``q`` [B, T, N, D] attends over ``k``, ``v`` [B, K, S, D] (heads-major, as the KV cache); N = K * G
+query heads share each key/value head (GQA). Key ``s`` is allowed for query ``t`` of row ``b`` when
+
+* ``k_slots[s] <= q_slots[t]`` (causal on slot indices: the cache case has ``q_slots`` offset and S > T),
+* ``q_slots[t] - k_slots[s] < sliding_window`` (when a window is given), and
+* ``key_valid[b, s]`` is non-zero (padding; rows may start with pad keys).
+
+A query with no allowed key (a left-pad position) gets a finite output that nothing reads.
+
+``sliding_window`` is None (no window), a Python int, or a traced int32 scalar (a scanned layer's
+window); the sentinel :data:`NO_WINDOW` (2**30, longer than any sequence) means "no window" in a traced
+value. Implementations (``impl``):
+
+* ``xla``: the scores [B, K, G, T, S] in float32, masked, softmaxed (the reference; fastest when short).
+* ``chunked``: flash-style online softmax over key blocks inside query blocks (``lax.scan``), with a
+  custom backward that recomputes each block from the saved log-sum-exp; never holds more than one
+  [block_q, block_k] tile of scores per head; blocks no query of the tile may see are skipped. Pure XLA:
+  the CPU choice at long lengths and the fallback everywhere.
+* ``cudnn``: ``jax.nn.dot_product_attention(implementation="cudnn")``, cuDNN flash attention (GPU,
+  bfloat16/float16). Padding, window and cache offsets travel as a boolean mask [B, 1, T, S] (one byte
+  per query-key pair per row instead of float32 scores per head).
+* ``splash``: the Pallas splash-attention kernel (TPU): a causal or local mask, GQA through its
+  multi-head kernel, padding through segment ids (pad 0, real 1), under ``shard_map`` over the batch
+  (``data``, ``fsdp``) and head (``tensor``) axes of the mesh set with ``jax.set_mesh``. Only for
+  self-attention without a cache whose length is a multiple of 128; other calls fall back to ``chunked``.
+* ``auto``: TPU -> ``splash`` where it applies, else ``chunked``; GPU -> ``cudnn`` for bfloat16/float16,
+  else as CPU; CPU -> ``xla`` below :data:`CHUNKED_MIN_KEYS` keys, ``chunked`` from there (measured:
+  see bench/attention.py). A decode step (T == 1) always uses ``xla`` under ``auto``/``cudnn``/``splash``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.errors import ConfigError
+
+IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
+
+# A traced ``sliding_window`` equal to this means "no window" (larger than any sequence).
+NO_WINDOW = 2**30
+
+# Tile sizes of ``chunked`` (queries x keys per step); shorter inputs use one tile of their own length.
+BLOCK_Q = 512
+BLOCK_K = 512
+
+# ``auto`` on CPU (and GPU without cuDNN) uses ``chunked`` from this many keys on; measured with
+# bench/attention.py (forward + backward, side by side in one process), see bench/RESULTS.md.
+CHUNKED_MIN_KEYS = 512
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def attend(q, k, v, key_valid, q_slots, k_slots, *, sliding_window=None, impl: str = "auto",
+           static_window: int | None = None) -> jax.Array:
+    """Softmax attention of q [B, T, N, D] over k, v [B, K, S, D] -> [B, T, N, D] in ``v.dtype``.
+
+    ``key_valid`` [B, S] (non-zero: a real key), ``q_slots`` [T] and ``k_slots`` [S] int32 slot indices,
+    ``sliding_window`` None / int / traced int32 (:data:`NO_WINDOW`: none). ``static_window`` is the value a
+    traced window takes on sliding layers (the model's ``config.sliding_window``; None: no layer slides),
+    needed only by ``splash``, whose masks are built at trace time.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"attention implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+    impl = _resolve(impl, q, k)
+    if impl == "xla":
+        return _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window)
+    if impl == "chunked":
+        return chunked(q, k, v, key_valid, q_slots, k_slots, sliding_window)
+    if impl == "cudnn":
+        return dot_product(q, k, v, key_valid, q_slots, k_slots, sliding_window, implementation="cudnn")
+    return splash(q, k, v, key_valid, sliding_window, static_window=static_window)
+
+
+def check_impl(impl: str, platform: str) -> str:
+    """``impl`` if the devices of ``platform`` (``cpu``, ``gpu``/``cuda``, ``tpu``) can run it, else a one-line
+    :class:`ConfigError` naming ``--attn_impl``."""
+    if impl not in IMPLS:
+        raise ConfigError(f"--attn_impl {impl!r}: not one of {', '.join(IMPLS)}")
+    need = {"cudnn": ("GPU", ("gpu", "cuda", "rocm")), "splash": ("TPU", ("tpu",))}.get(impl)
+    if need is not None and platform not in need[1]:
+        raise ConfigError(f"--attn_impl {impl} needs a {need[0]} (these devices are {platform}); "
+                          "use auto, xla or chunked")
+    return impl
+
+
+# ----- choosing ----------------------------------------------------------------------------------------
+def _platform() -> str:
+    """The platform being compiled for: the context mesh's (set with ``jax.set_mesh``; an ahead-of-time
+    compile for a TPU topology sets a TPU mesh), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def _is_static(window) -> bool:
+    return window is None or isinstance(window, (int, np.integer))
+
+
+def splash_applies(q, k) -> bool:
+    """Whether ``splash`` can take these inputs: self-attention without a cache (T == S), T a multiple of
+    128, and a context mesh to ``shard_map`` over or a single device (Mosaic kernels are not partitioned
+    automatically)."""
+    t, s = q.shape[1], k.shape[2]
+    if t != s or t % 128:
+        return False
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty or jax.device_count() == 1
+
+
+def cudnn_applies(q, k) -> bool:
+    """Whether cuDNN flash attention takes these shapes and dtypes (bfloat16/float16, head dim a multiple of
+    8 up to 128, even lengths: its masked backward needs them)."""
+    d, t, s = q.shape[-1], q.shape[1], k.shape[2]
+    return q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128 and t % 2 == 0 and s % 2 == 0
+
+
+def _resolve(impl: str, q, k) -> str:
+    t, s = q.shape[1], k.shape[2]
+    if impl in ("xla", "chunked"):
+        return impl
+    if t == 1:  # a decode step: one query row, nothing to tile
+        return "xla"
+    if impl == "splash":
+        return "splash" if splash_applies(q, k) else "chunked"
+    if impl == "cudnn":
+        if q.dtype not in (jnp.bfloat16, jnp.float16):
+            raise ConfigError(f"--attn_impl cudnn: cuDNN flash attention needs bfloat16 or float16 compute, not "
+                              f"{q.dtype}; pass --torch_dtype bfloat16 (infer: --dtype bfloat16) or --attn_impl auto")
+        return "cudnn" if cudnn_applies(q, k) else "chunked"
+    platform = _platform()
+    if platform == "tpu":
+        return "splash" if splash_applies(q, k) else "chunked"
+    if platform in ("gpu", "cuda", "rocm") and cudnn_applies(q, k):
+        return "cudnn"
+    return "chunked" if s >= CHUNKED_MIN_KEYS else "xla"
+
+
+# ----- xla: the reference ------------------------------------------------------------------------------
+def _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window=None):
+    """The scores in float32, masked with finfo.min (a row with no allowed key averages every key)."""
+    b, t, n, d = q.shape
+    kv_heads = k.shape[1]
+    groups = n // kv_heads
+    q = q.reshape(b, t, kv_heads, groups, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (d**-0.5)
+    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    if sliding_window is not None:
+        allowed &= (q_slots[:, None] - k_slots[None, :]) < sliding_window
+    allowed = allowed[None, :, :] & (key_valid[:, None, :] > 0)  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    return out.reshape(b, t, n, d)
+
+
+def _allowed(key_valid, q_slots, k_slots, sliding_window):
+    """[B, T, S] bool: which keys each query may attend to."""
+    allowed = k_slots[None, :] <= q_slots[:, None]
+    if sliding_window is not None:
+        allowed &= (q_slots[:, None] - k_slots[None, :]) < sliding_window
+    return allowed[None, :, :] & (key_valid[:, None, :] > 0)
+
+
+# ----- chunked: online softmax in pure XLA ---------------------------------------------------------------
+def chunked(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, block_q: int | None = None,
+            block_k: int | None = None) -> jax.Array:
+    """Flash-style attention in tiles of at most [block_q, block_k] (default :data:`BLOCK_Q`, :data:`BLOCK_K`);
+    lengths need not divide the blocks (padded inside)."""
+    block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
+    b, t, n, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    groups = n // kv_heads
+    nq, nk = -(-t // block_q), -(-s // block_k)
+    bq, bk = -(-t // nq), -(-s // nk)  # equal tiles, padded by less than one tile in all
+    tp, sp = nq * bq, nk * bk
+    window = jnp.asarray(NO_WINDOW if sliding_window is None else sliding_window, jnp.int32)
+    q_slots = jnp.asarray(q_slots, jnp.int32)
+    k_slots = jnp.asarray(k_slots, jnp.int32)
+    # Fill rows (beyond T) see no key; fill keys (beyond S) are seen by no query and score -inf, so they
+    # also stay out of the average a query with no allowed key takes.
+    q_slots = jnp.pad(q_slots, (0, tp - t), constant_values=-1)
+    k_slots = jnp.pad(k_slots, (0, sp - s), constant_values=NO_WINDOW)
+    kcode = jnp.pad((key_valid > 0).astype(jnp.int32), ((0, 0), (0, sp - s)), constant_values=-1)
+    qb = jnp.pad(q, ((0, 0), (0, tp - t), (0, 0), (0, 0))).reshape(b, nq, bq, kv_heads, groups, d)
+    qb = qb.transpose(1, 0, 3, 4, 2, 5)  # [nq, B, K, G, bq, D]
+    kb = jnp.pad(k, ((0, 0), (0, 0), (0, sp - s), (0, 0))).reshape(b, kv_heads, nk, bk, d).transpose(2, 0, 1, 3, 4)
+    vb = jnp.pad(v, ((0, 0), (0, 0), (0, sp - s), (0, 0))).reshape(b, kv_heads, nk, bk, d).transpose(2, 0, 1, 3, 4)
+    out = _flash(qb, kb, vb, kcode.reshape(b, nk, bk).transpose(1, 0, 2), q_slots.reshape(nq, bq),
+                 k_slots.reshape(nk, bk), window)  # [nq, B, K, G, bq, D]
+    out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, n, d)[:, :t]
+    return out.astype(v.dtype)
+
+
+def _tile_mask(qs, ks, kc, window):
+    """(slot rule [bq, bk], allowed [B, 1, 1, bq, bk], fill value of a disallowed score [B, 1, 1, 1, bk])."""
+    slot_ok = (ks[None, :] <= qs[:, None]) & ((qs[:, None] - ks[None, :]) < window)
+    allowed = slot_ok[None] & (kc[:, None, :] > 0)
+    fill = jnp.where(kc < 0, -jnp.inf, _NEG)
+    return slot_ok, allowed[:, None, None], fill[:, None, None, None, :]
+
+
+def _tile_scores(qi, kj, allowed, fill, scale):
+    s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
+    return jnp.where(allowed, s, fill)
+
+
+def _flash_forward(qb, kb, vb, kcode, qsb, ksb, window):
+    scale = qb.shape[-1] ** -0.5
+
+    def q_block(args):
+        qi, qs = args  # [B, K, G, bq, D], [bq]
+        stats = qi.shape[:-1]
+
+        def k_step(carry, xs):
+            kj, vj, kc, ks = xs
+            slot_ok, allowed, fill = _tile_mask(qs, ks, kc, window)
+
+            def update(carry):
+                m, l, acc = carry
+                s = _tile_scores(qi, kj, allowed, fill, scale)
+                m_new = jnp.maximum(m, s.max(-1))
+                alpha = jnp.exp(m - m_new)
+                p = jnp.exp(s - m_new[..., None])
+                l = alpha * l + p.sum(-1)
+                pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(vj.dtype), vj, preferred_element_type=jnp.float32)
+                return m_new, l, alpha[..., None] * acc + pv
+
+            return jax.lax.cond(jnp.any(slot_ok), update, lambda c: c, carry), None
+
+        init = (jnp.full(stats, _NEG, jnp.float32), jnp.zeros(stats, jnp.float32),
+                jnp.zeros(qi.shape, jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(k_step, init, (kb, vb, kcode, ksb))
+        seen = l > 0
+        out = acc / jnp.where(seen, l, 1.0)[..., None]
+        lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)  # inf: no key, no gradient
+        return out.astype(qi.dtype), lse
+
+    return jax.lax.map(q_block, (qb, qsb))
+
+
+@jax.custom_vjp
+def _flash(qb, kb, vb, kcode, qsb, ksb, window):
+    return _flash_forward(qb, kb, vb, kcode, qsb, ksb, window)[0]
+
+
+def _flash_fwd(qb, kb, vb, kcode, qsb, ksb, window):
+    out, lse = _flash_forward(qb, kb, vb, kcode, qsb, ksb, window)
+    return out, (qb, kb, vb, kcode, qsb, ksb, window, out, lse)
+
+
+def _flash_bwd(res, g):
+    """FlashAttention-2's backward: per key block, a pass over the query blocks recomputes each tile's
+    probabilities from the log-sum-exp, accumulates dK, dV, and adds the tile's share to dQ."""
+    qb, kb, vb, kcode, qsb, ksb, window, out, lse = res
+    scale = qb.shape[-1] ** -0.5
+    g = g.astype(qb.dtype)
+    delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, B, K, G, bq]
+
+    def k_block(dq, xs):
+        kj, vj, kc, ks = xs
+
+        def q_step(carry, ys):
+            qi, gi, lse_i, delta_i, qs, dq_i = ys
+            slot_ok, allowed, fill = _tile_mask(qs, ks, kc, window)
+
+            def update(args):
+                dk, dv, dq_i = args
+                s = _tile_scores(qi, kj, allowed, fill, scale)
+                p = jnp.exp(s - lse_i[..., None])
+                dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(gi.dtype), gi, preferred_element_type=jnp.float32)
+                dp = jnp.einsum("bkgqd,bksd->bkgqs", gi, vj, preferred_element_type=jnp.float32)
+                ds = jnp.where(allowed, p * (dp - delta_i[..., None]), 0.0) * scale
+                dq_i = dq_i + jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(kj.dtype), kj,
+                                         preferred_element_type=jnp.float32)
+                dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
+                return dk, dv, dq_i
+
+            dk, dv, dq_i = jax.lax.cond(jnp.any(slot_ok), update, lambda a: a, (*carry, dq_i))
+            return (dk, dv), dq_i
+
+        zeros = jnp.zeros(kj.shape, jnp.float32)
+        (dk, dv), dq = jax.lax.scan(q_step, (zeros, zeros), (qb, g, lse, delta, qsb, dq))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(k_block, jnp.zeros(qb.shape, jnp.float32), (kb, vb, kcode, ksb))
+    return dq.astype(qb.dtype), dk.astype(kb.dtype), dv.astype(vb.dtype), None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+# ----- cudnn: jax.nn.dot_product_attention -----------------------------------------------------------------
+def dot_product(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, implementation: str = "cudnn"):
+    """``jax.nn.dot_product_attention`` with every rule in a boolean mask [B, 1, T, S]; self-attention
+    (T == S: the slots are aligned) also passes ``is_causal`` and a static window as ``local_window_size``
+    so cuDNN skips the tiles they exclude. ``implementation="xla"`` runs the same call on any backend."""
+    t, s = q.shape[1], k.shape[2]
+    mask = _allowed(key_valid, q_slots, k_slots, sliding_window)[:, None]
+    self_attention = t == s
+    local = None
+    if self_attention and _is_static(sliding_window) and sliding_window is not None and sliding_window < NO_WINDOW:
+        local = (int(sliding_window) - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=mask, is_causal=self_attention,
+        local_window_size=local, implementation=implementation,
+    )
+
+
+# ----- splash: the Pallas TPU kernel -------------------------------------------------------------------------
+def _splash_block(t: int) -> int:
+    return next(b for b in (512, 256, 128) if t % b == 0)
+
+
+def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool):
+    """A kernel for this trace (its mask tables become arrays of the trace, so it is not cached)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+
+    shape = (length, length)
+    one = sa.CausalMask(shape) if window is None else sa.LocalMask(shape, (window - 1, 0), offset=0)
+    blk = _splash_block(length)
+    sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+
+
+def _mesh_axes(mesh, size: int, names: tuple[str, ...]):
+    """The mesh axes among ``names`` (size > 1) that together divide ``size``, or None."""
+    axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes[0] if len(axes) == 1 else axes
+
+
+def splash(q, k, v, key_valid, sliding_window=None, *, static_window: int | None = None,
+           interpret: bool = False) -> jax.Array:
+    """Splash attention for self-attention (T == S, aligned slots, T a multiple of 128) -> [B, T, N, D].
+
+    ``interpret=True`` runs the kernel in Pallas' interpreter (any backend; for tests)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as sa
+    from jax.sharding import PartitionSpec as P
+
+    b, t, n, d = q.shape
+    qh = jnp.swapaxes(q * jnp.asarray(d**-0.5, q.dtype), 1, 2)  # [B, N, T, D]; the kernel does not scale
+    seg = (key_valid > 0).astype(jnp.int32)  # pad 0, real 1: pads attend only to pads, never empty rows
+
+    def run(window):
+        def local(qh, k, v, seg):
+            kernel = _splash_kernel(qh.shape[1], t, window, interpret)
+            one = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(q=s1, kv=s1))
+            return jax.vmap(one)(qh, k, v.astype(qh.dtype), seg)
+
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty:
+            return local(qh, k, v, seg)
+        batch = _mesh_axes(mesh, b, ("data", "fsdp"))
+        heads = _mesh_axes(mesh, math.gcd(n, k.shape[1]), ("tensor",))
+        spec = P(batch, heads)
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec, P(batch)), out_specs=spec,
+                             check_vma=False)(qh, k, v, seg)
+
+    if _is_static(sliding_window):
+        window = None if sliding_window is None or sliding_window >= min(NO_WINDOW, t) else int(sliding_window)
+        out = run(window)
+    elif static_window is None or static_window >= t:
+        out = run(None)  # traced, but no window of this model cuts this sequence
+    else:
+        out = jax.lax.cond(sliding_window >= NO_WINDOW, lambda: run(None), lambda: run(int(static_window)))
+    return jnp.swapaxes(out, 1, 2).astype(v.dtype)

@@ -1,0 +1,306 @@
+"""Attention implementations (jaxalign/models/attention.py) against softmax attention written here in float64
+numpy: causal, left padding, sliding windows (static and traced), GQA, lengths that do not divide the
+tiles, and the KV-cache case (offset query slots, more keys than queries). ``chunked``'s custom backward
+against the gradient of ``xla``; a whole model with each implementation; the CLI's --attn_impl check.
+
+``cudnn`` runs only on a GPU: its call (the mask, ``is_causal``, the window) is checked through the same
+``jax.nn.dot_product_attention`` call with ``implementation="xla"``. ``splash`` runs only on a TPU: its
+wrapper (scaling, segment ids, local masks, GQA heads) is checked with the Pallas interpreter; its TPU
+compile is bench/splash_compile.py (needs libtpu).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from helpers import one_error_line
+from jaxalign.cli import main
+from jaxalign.config import OPTIONS
+from jaxalign.demo.tiny_model import llama_config, random_model
+from jaxalign.errors import ConfigError
+from jaxalign.models import attention
+from jaxalign.models.attention import NO_WINDOW, attend, check_impl, chunked, dot_product
+from jaxalign.models.decoder import Attention, set_attn_impl
+from jaxalign.models.kv_cache import init_cache
+
+TOL = 1e-5
+
+
+def reference(q, k, v, key_valid, q_slots, k_slots, window):
+    """softmax(q k^T / sqrt(D) over the allowed keys) v in float64, per row and head; NaN for a query with
+    no allowed key (its output is unspecified, only finite)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    b, t, n, d = q.shape
+    groups = n // k.shape[1]
+    qs, ks = np.asarray(q_slots)[:, None], np.asarray(k_slots)[None, :]
+    out = np.full(q.shape, np.nan)
+    for row in range(b):
+        allowed = (ks <= qs) & (np.asarray(key_valid)[row][None, :] > 0)
+        if window is not None:
+            allowed &= (qs - ks) < window
+        for head in range(n):
+            kv = head // groups
+            for i in range(t):
+                if not allowed[i].any():
+                    continue
+                s = k[row, kv][allowed[i]] @ q[row, i, head] / np.sqrt(d)
+                p = np.exp(s - s.max())
+                out[row, i, head] = (p / p.sum()) @ v[row, kv][allowed[i]]
+    return out
+
+
+def inputs(b=3, t=37, s=None, n=4, kv=2, d=8, seed=0, pads=(0, 5, 30)):
+    """q [B, T, N, D], k, v [B, K, S, D] and key_valid [B, S] with row r left-padded by pads[r]."""
+    s = t if s is None else s
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(b, t, n, d)).astype(np.float32)
+    k = rng.normal(size=(b, kv, s, d)).astype(np.float32)
+    v = rng.normal(size=(b, kv, s, d)).astype(np.float32)
+    valid = np.ones((b, s), np.int32)
+    for row, p in enumerate(pads[:b]):
+        valid[row, :p] = 0
+    return q, k, v, valid
+
+
+def check(out, ref):
+    out = np.asarray(out)
+    assert out.shape == ref.shape and np.isfinite(out).all()
+    real = ~np.isnan(ref)
+    assert real.any()
+    np.testing.assert_allclose(out[real], ref[real], rtol=0, atol=TOL)
+
+
+IMPLS = {
+    "xla": lambda *a, **kw: attend(*a, impl="xla", **kw),
+    "chunked": lambda *a, **kw: attend(*a, impl="chunked", **kw),
+    # several tiles: 37 queries in tiles of <= 8, keys in tiles of <= 16 (neither divides)
+    "chunked_tiles": lambda *a, sliding_window=None: chunked(*a, sliding_window, block_q=8, block_k=16),
+    # the cudnn implementation's call, run by XLA
+    "dot_product": lambda *a, sliding_window=None: dot_product(*a, sliding_window, implementation="xla"),
+}
+
+
+def run(fn, q, k, v, valid, q_slots, k_slots, window=None):
+    """``fn`` under jax.jit, the window closed over (a Python int stays static)."""
+    return jax.jit(lambda *a: fn(*a, sliding_window=window))(q, k, v, valid, q_slots, k_slots)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("case", ["causal", "left_padded", "window", "mqa"])
+def test_equals_float64_reference(impl, case):
+    pads = (0, 5, 30) if case in ("left_padded", "window") else (0, 0, 0)
+    kv = 1 if case == "mqa" else 2
+    window = 5 if case == "window" else None
+    q, k, v, valid = inputs(pads=pads, kv=kv)
+    slots = np.arange(q.shape[1])
+    out = run(IMPLS[impl], q, k, v, valid, slots, slots, window)
+    check(out, reference(q, k, v, valid, slots, slots, window))
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_traced_window(impl):
+    """The window as a traced int32 (a scanned layer's): a window, and NO_WINDOW meaning none."""
+    q, k, v, valid = inputs()
+    slots = np.arange(q.shape[1])
+    fn = jax.jit(lambda w: IMPLS[impl](q, k, v, valid, slots, slots, sliding_window=w))
+    check(fn(jnp.int32(6)), reference(q, k, v, valid, slots, slots, 6))
+    check(fn(jnp.int32(NO_WINDOW)), reference(q, k, v, valid, slots, slots, None))
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked", "chunked_tiles", "dot_product"])
+@pytest.mark.parametrize("window", [None, 4])
+def test_kv_cache_prefill_and_decode(impl, window):
+    """Queries in slots 20.. over a 40-slot cache: rows left-padded, slots past the new tokens empty."""
+    q, k, v, valid = inputs(t=7, s=40, pads=(0, 3, 22))
+    valid[:, 27:] = 0  # not yet written
+    q_slots = 20 + np.arange(7)
+    k_slots = np.arange(40)
+    check(run(IMPLS[impl], q, k, v, valid, q_slots, k_slots, window), reference(q, k, v, valid, q_slots, k_slots, window))
+    one = q[:, :1]  # a decode step: one query in slot 26
+    check(run(IMPLS[impl], one, k, v, valid, q_slots[-1:], k_slots, window),
+          reference(one, k, v, valid, q_slots[-1:], k_slots, window))
+
+
+def test_row_with_no_allowed_key_is_finite():
+    """A left-pad query sees only pad keys: xla keeps today's uniform average over the keys; every
+    implementation stays finite, and so do the gradients through it."""
+    q, k, v, valid = inputs(pads=(37, 5, 30))  # row 0 all padding
+    slots = np.arange(37)
+    out = np.asarray(run(IMPLS["xla"], q, k, v, valid, slots, slots))
+    np.testing.assert_allclose(out[0, :, 0], np.broadcast_to(v[0, 0].mean(0), (37, 8)), atol=TOL)
+    for fn in (IMPLS["chunked"], IMPLS["chunked_tiles"], IMPLS["dot_product"]):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v, valid, slots, slots) ** 2)  # noqa: E731
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+        assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+@pytest.mark.parametrize("blocks,window,pads", [((None, None), None, (0, 5, 30)), ((8, 16), None, (0, 5, 30)),
+                                                ((8, 16), 6, (0, 5, 30)), ((8, 8), 3, (2, 0, 9))])
+def test_chunked_gradients_equal_xla(blocks, window, pads):
+    """d/d(q, k, v) of a loss over the real rows (a padded row's output feeds nothing in the model)."""
+    q, k, v, valid = inputs(pads=pads)
+    slots = np.arange(q.shape[1])
+    weight = np.random.default_rng(1).normal(size=q.shape).astype(np.float32) * valid[:, :, None, None]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * weight)
+
+    xla = jax.jit(jax.grad(loss(lambda q, k, v: attend(q, k, v, valid, slots, slots, sliding_window=window,
+                                                       impl="xla")), argnums=(0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.grad(loss(lambda q, k, v: chunked(q, k, v, valid, slots, slots, window, block_q=blocks[0],
+                                                        block_k=blocks[1])), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(got, xla):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=TOL)
+
+
+def test_chunked_gradient_through_remat_and_cache_slots():
+    """Under jax.checkpoint (the model's remat), with offset query slots (S > T)."""
+    q, k, v, valid = inputs(t=9, s=30, pads=(0, 4, 12))
+    q_slots, k_slots = 21 + np.arange(9), np.arange(30)
+
+    def loss(fn):
+        return jax.checkpoint(lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v))))
+
+    xla = jax.jit(jax.grad(loss(lambda q, k, v: attend(q, k, v, valid, q_slots, k_slots, impl="xla")),
+                           (0, 1, 2)))(q, k, v)
+    got = jax.jit(jax.grad(loss(lambda q, k, v: chunked(q, k, v, valid, q_slots, k_slots, block_q=4, block_k=8)),
+                           (0, 1, 2)))(q, k, v)
+    for a, b in zip(got, xla):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=TOL)
+
+
+def test_chunked_never_builds_the_score_matrix():
+    """Forward + backward at 2048 tokens: no array in the optimised program has a [2048, 2048] tile, and the
+    temporaries are under a quarter of xla's."""
+    t = 2048
+    q = jax.ShapeDtypeStruct((1, t, 2, 16), jnp.float32)
+    k = jax.ShapeDtypeStruct((1, 1, t, 16), jnp.float32)
+    valid = jax.ShapeDtypeStruct((1, t), jnp.int32)
+    slots = jax.ShapeDtypeStruct((t,), jnp.int32)
+
+    def compiled(impl):
+        def loss(q, k, v, valid, slots):
+            return jnp.sum(attend(q, k, v, valid, slots, slots, impl=impl))
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, k, valid, slots).compile()
+
+    chunked_, xla = compiled("chunked"), compiled("xla")
+    assert f"{t},{t}]" not in chunked_.as_text()
+    assert f"{t},{t}]" in xla.as_text()  # where the check would see them
+    assert chunked_.memory_analysis().temp_size_in_bytes < xla.memory_analysis().temp_size_in_bytes / 4
+
+
+# ----- splash (Pallas interpreter) ---------------------------------------------------------------------------
+def test_splash_wrapper_in_the_pallas_interpreter():
+    """128 tokens, 4 query heads over 2, left padding, a static and a traced window; the gradient too."""
+    q, k, v, valid = inputs(b=2, t=128, pads=(0, 50))
+    slots = np.arange(128)
+    static = jax.jit(lambda q, k, v: attention.splash(q, k, v, valid, 17, interpret=True))
+    check(static(q, k, v), reference(q, k, v, valid, slots, slots, 17))
+    traced = jax.jit(lambda w: attention.splash(q, k, v, valid, w, static_window=17, interpret=True))
+    check(traced(jnp.int32(NO_WINDOW)), reference(q, k, v, valid, slots, slots, None))
+    weight = valid[:, :, None, None].astype(np.float32)
+    got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(static(q, k, v) * weight), (0, 1, 2)))(q, k, v)
+    xla = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v, valid, slots, slots, sliding_window=17,
+                                                          impl="xla") * weight), (0, 1, 2)))(q, k, v)
+    for a, b in zip(got, xla):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=TOL)
+
+
+# ----- choosing ----------------------------------------------------------------------------------------------
+def _shapes(t, s, dtype=jnp.float32, d=64):
+    return jax.ShapeDtypeStruct((2, t, 8, d), dtype), jax.ShapeDtypeStruct((2, 4, s, d), dtype)
+
+
+def test_auto_on_cpu_by_length_and_fallbacks():
+    assert jax.default_backend() == "cpu"
+    m = attention.CHUNKED_MIN_KEYS
+    assert attention._resolve("auto", *_shapes(64, 64)) == "xla"
+    assert attention._resolve("auto", *_shapes(m, m)) == "chunked"
+    assert attention._resolve("auto", *_shapes(1, 4 * m)) == "xla"  # a decode step
+    assert attention._resolve("splash", *_shapes(100, 100)) == "chunked"  # not a multiple of 128
+    assert attention._resolve("splash", *_shapes(16, 256)) == "chunked"  # a cache prefill
+    # Mosaic kernels are not partitioned automatically: splash needs one device or a mesh to shard_map over
+    one = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(one):
+        assert attention._resolve("splash", *_shapes(256, 256)) == "splash"
+    assert attention._resolve("splash", *_shapes(256, 256)) == ("splash" if jax.device_count() == 1 else "chunked")
+    assert attention._resolve("cudnn", *_shapes(63, 63, jnp.bfloat16)) == "chunked"  # odd lengths
+    with pytest.raises(ConfigError, match="--attn_impl cudnn: .* needs bfloat16 or float16"):
+        attention._resolve("cudnn", *_shapes(64, 64))
+
+
+def test_check_impl_names_the_device_it_needs():
+    assert check_impl("chunked", "cpu") == "chunked" and check_impl("splash", "tpu") == "splash"
+    with pytest.raises(ConfigError, match=r"^--attn_impl cudnn needs a GPU \(these devices are cpu\)"):
+        check_impl("cudnn", "cpu")
+    with pytest.raises(ConfigError, match=r"^--attn_impl splash needs a TPU \(these devices are gpu\)"):
+        check_impl("splash", "gpu")
+    assert OPTIONS["attn_impl"].choices == attention.IMPLS
+
+
+# ----- a whole model -------------------------------------------------------------------------------------------
+def _model(sliding_window=None):
+    cfg = llama_config(61, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=64)
+    return random_model(dataclasses.replace(cfg, sliding_window=sliding_window), seed=3)
+
+
+def _forwards(model, ids, mask):
+    """(full-forward logits, prefill logits of the first 18 tokens, the 19th token's logits from the cache)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, ids, mask):
+        m = nnx.merge(graphdef, state)
+        prefill, cache = m(ids[:, :18], mask[:, :18], cache=init_cache(m.config, ids.shape[0], 32))
+        step, _ = m(ids[:, 18:19], mask[:, 18:19], cache=cache)
+        return m(ids, mask), prefill, step
+
+    return run(state, ids, mask)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_model_logits_equal_across_implementations(monkeypatch, sliding_window):
+    """A tiny model on left- and right-padded rows: chunked (in 8 x 8 tiles) equals xla to 1e-5 on every real
+    token, in a full forward and in prefill + decode through the KV cache."""
+    monkeypatch.setattr(attention, "BLOCK_Q", 8)
+    monkeypatch.setattr(attention, "BLOCK_K", 8)
+    model = _model(sliding_window)
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(1, 61, size=(3, 21)))
+    mask = np.ones((3, 21), np.int32)
+    mask[1, :6] = 0  # left padding
+    mask[2, 15:] = 0  # right padding
+    mask = jnp.asarray(mask)
+    got = {}
+    for impl in ("xla", "chunked"):
+        set_attn_impl(model, impl)
+        assert {n.attn_impl for _, n in nnx.iter_graph(model) if isinstance(n, Attention)} == {impl}
+        got[impl] = [np.asarray(x) for x in _forwards(model, ids, mask)]
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(got["chunked"][0][real], got["xla"][0][real], rtol=0, atol=TOL)
+    np.testing.assert_allclose(got["chunked"][1][real[:, :18]], got["xla"][1][real[:, :18]], rtol=0, atol=TOL)
+    np.testing.assert_allclose(got["chunked"][2], got["xla"][2], rtol=0, atol=TOL)
+    # and the full forward agrees with the cached one (the same attention, two call patterns)
+    np.testing.assert_allclose(got["chunked"][1][real[:, :18]], got["chunked"][0][:, :18][real[:, :18]], atol=TOL)
+
+
+def test_set_attn_impl_refuses_unknown_names():
+    with pytest.raises(ValueError, match="'flash'"):
+        set_attn_impl(_model(), "flash")
+
+
+# ----- the command line ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["sft", "--dataset", "d.jsonl"], ["infer", "--prompt", "hi"]])
+def test_bad_attn_impl_is_one_line_and_exit_2(capsys, command):
+    capsys.readouterr()
+    rc = main([command[0], "--model", "m", *command[1:], "--attn_impl", "flash"])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "--attn_impl" in line and "'flash'" in line
+    assert "auto, xla, chunked, cudnn, splash" in line or "'auto', 'xla', 'chunked', 'cudnn', 'splash'" in line
