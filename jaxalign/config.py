@@ -84,6 +84,10 @@ OPTIONS: dict[str, Option] = {
     "remat_policy": Option("full", str, "what gradient checkpointing keeps of a layer: full (only its input), "
                            "save_dots (also its weight matmuls' outputs), none (everything)",
                            ("full", "save_dots", "none")),
+    "attn_impl": Option(
+        "auto", str, "attention: auto (by platform and length), xla (full scores), chunked (memory-efficient XLA), "
+        "cudnn (GPU flash, bfloat16), splash (TPU Pallas kernel)", ("auto", "xla", "chunked", "cudnn", "splash"),
+    ),
     "torch_dtype": Option("float32", str, "compute dtype (params stay float32)", ("float32", "bfloat16")),
     "mesh": Option("data=1,fsdp=-1,tensor=1", str, "device mesh, e.g. data=2,fsdp=-1,tensor=1"),
     # Logging and checkpoints

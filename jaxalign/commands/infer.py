@@ -42,6 +42,8 @@ def register(sub) -> None:
     p.add_argument("--template", choices=("default", "plain"), default="default",
                    help="chat template: the tokenizer's own (default) or a plain 'role: text' fallback")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    p.add_argument("--attn_impl", choices=("auto", "xla", "chunked", "cudnn", "splash"), default="auto",
+                   help="attention implementation (default auto: by platform and length; see the README)")
     p.add_argument("--mesh", default=None,
                    help="device mesh such as 'data=1,fsdp=-1,tensor=1' (default: one device); "
                         "--batch_size must be a multiple of data*fsdp")
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from jaxalign.convert.checkpoint_io import load_any_model
     from jaxalign.data.template import ChatRenderer
     from jaxalign.data.tokenizer import load_tokenizer, stop_token_ids
+    from jaxalign.models.attention import check_impl
+    from jaxalign.models.decoder import set_attn_impl
     from jaxalign.parallel import make_mesh
     from jaxalign.rollout import generate
 
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.adapters if args.adapters and _has_tokenizer(args.adapters) else base,
                                training=False)
     model = load_any_model(base, dtype=args.dtype, mesh=mesh)
+    set_attn_impl(model, check_impl(args.attn_impl, (mesh.devices.flat[0] if mesh else jax.devices()[0]).platform))
     if args.adapters:
         apply_adapter(model, args.adapters)
     config = model.config

@@ -24,6 +24,7 @@ from jaxalign.convert import load_any_model, save_hf_model
 from jaxalign.convert.value_head_io import load_reward_model, save_reward_model, save_value_head
 from jaxalign.data.collate import collate_prompt
 from jaxalign.errors import ConfigError
+from jaxalign.models.decoder import set_attn_impl
 from jaxalign.trainers.algorithm import RolloutAlgorithm
 from jaxalign.trainers.tuner import export_adapter
 from jaxalign.trainers.ppo_step import PolicyAndValue, PPOUpdate, advantages_and_returns, rollout_forward
@@ -60,6 +61,9 @@ class PPO(RolloutAlgorithm):
                 )
         self.memory = {"policy": param_bytes(policy), "ref_model": param_bytes(ref) if ref is not None else 0,
                        "reward_model": param_bytes(reward), "value_model": param_bytes(value)}
+        for m in (ref, reward):  # split here, before the trainer sets the policy's attention
+            if m is not None:
+                set_attn_impl(m, cfg.get("attn_impl") or "auto")
         self.ref_graphdef, self.ref_params_frozen = nnx.split(ref) if ref is not None else (None, None)
         self.rm_graphdef, self.rm_params = nnx.split(reward)
         return PolicyAndValue(policy, value)

@@ -23,7 +23,8 @@ from flax import nnx
 from jaxalign.data.batching import BatchIterator, make_buckets, parse_buckets, stack_micro_batches
 from jaxalign.data.tokenizer import pad_id_of
 from jaxalign.errors import ConfigError, JaxalignError, Preempted, TrainingDiverged
-from jaxalign.models.decoder import set_remat
+from jaxalign.models.attention import check_impl
+from jaxalign.models.decoder import set_attn_impl, set_remat
 from jaxalign.models.lora import cast_frozen, trainable_summary
 from jaxalign.convert.checkpoint_io import read_meta
 from jaxalign.trainers.checkpoint import (
@@ -105,6 +106,7 @@ class Trainer:
         self.pad_id = pad_id_of(tokenizer)
         self.model_config = model.config
         set_remat(model, cfg.gradient_checkpointing, cfg.remat_policy)
+        set_attn_impl(model, check_impl(cfg.get("attn_impl") or "auto", mesh.devices.flat[0].platform))
         self.graphdef, params, self.rest = split_model(model)
         if algorithm.lora is not None:
             # The frozen base in the compute dtype (bfloat16 halves it); adapters and Adam's moments stay float32.
