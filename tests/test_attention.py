@@ -212,6 +212,18 @@ def test_splash_wrapper_in_the_pallas_interpreter():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=TOL)
 
 
+def test_splash_under_shard_map_on_a_mesh():
+    """With a context mesh the kernel runs per shard: rows over fsdp, query and key/value heads over tensor."""
+    q, k, v, valid = inputs(b=2, t=128, pads=(0, 70))
+    slots = np.arange(128)
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:4]).reshape(1, 2, 2), ("data", "fsdp", "tensor"))
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v: attention.splash(q, k, v, valid, None, interpret=True))(q, k, v)
+        jaxpr = jax.make_jaxpr(lambda q: attention.splash(q, k, v, valid, interpret=True))(q)
+    assert "shard_map" in jaxpr.pretty_print()
+    check(out, reference(q, k, v, valid, slots, slots, None))
+
+
 # ----- choosing ----------------------------------------------------------------------------------------------
 def _shapes(t, s, dtype=jnp.float32, d=64):
     return jax.ShapeDtypeStruct((2, t, 8, d), dtype), jax.ShapeDtypeStruct((2, 4, s, d), dtype)
