@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from helpers import one_error_line
+from helpers import TINY, cli_args, one_error_line, short_rows, write_jsonl
 from jaxalign.cli import main
 from jaxalign.config import OPTIONS
 from jaxalign.demo.tiny_model import llama_config, random_model
@@ -195,6 +195,28 @@ def test_chunked_never_builds_the_score_matrix():
     assert chunked_.memory_analysis().temp_size_in_bytes < xla.memory_analysis().temp_size_in_bytes / 4
 
 
+def test_chunked_in_bfloat16():
+    """The GPU/TPU fallback runs in bfloat16: outputs within bfloat16 rounding of the float64 reference, and
+    gradients (bfloat16, as the inputs) within rounding of xla's."""
+    q, k, v, valid = inputs()
+    slots = np.arange(q.shape[1])
+    ref = reference(q, k, v, valid, slots, slots, 6)
+    qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    fns = {"xla": lambda q, k, v: attend(q, k, v, valid, slots, slots, sliding_window=6, impl="xla"),
+           "chunked": lambda q, k, v: chunked(q, k, v, valid, slots, slots, 6, block_q=8, block_k=16)}
+    out = jax.jit(fns["chunked"])(qb, kb, vb)
+    assert out.dtype == jnp.bfloat16
+    real = ~np.isnan(ref)
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32))[real], ref[real], rtol=0, atol=3e-2)
+    weight = valid[:, :, None, None].astype(np.float32)
+    grads = {name: jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * weight),
+                                    (0, 1, 2)))(qb, kb, vb) for name, fn in fns.items()}
+    for a, b in zip(grads["chunked"], grads["xla"]):
+        assert a.dtype == jnp.bfloat16
+        a, b = np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32))
+        assert np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
+
+
 # ----- splash (Pallas interpreter) ---------------------------------------------------------------------------
 def test_splash_wrapper_in_the_pallas_interpreter():
     """128 tokens, 4 query heads over 2, left padding, a static and a traced window; the gradient too."""
@@ -316,3 +338,14 @@ def test_bad_attn_impl_is_one_line_and_exit_2(capsys, command):
     line = one_error_line(capsys.readouterr().err)
     assert rc == 2 and "--attn_impl" in line and "'flash'" in line
     assert "auto, xla, chunked, cudnn, splash" in line or "'auto', 'xla', 'chunked', 'cudnn', 'splash'" in line
+
+
+def test_cudnn_on_cpu_is_one_line_and_exit_2(capsys, tmp_path, tiny_model_dir):
+    """The trainer checks the choice against the mesh's devices before compiling anything."""
+    data = write_jsonl(tmp_path / "train.jsonl", short_rows(8))
+    capsys.readouterr()
+    rc = main(["sft", "--model", tiny_model_dir, "--dataset", data, "--output_dir", str(tmp_path / "out"),
+               "--attn_impl", "cudnn", *cli_args({**TINY, "max_steps": 1})])
+    line = one_error_line(capsys.readouterr().err)
+    assert rc == 2 and line == ("jaxalign: error: --attn_impl cudnn needs a GPU (these devices are cpu); "
+                                "use auto, xla or chunked")

@@ -151,10 +151,7 @@ def _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window=None):
     q = q.reshape(b, t, kv_heads, groups, d)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (d**-0.5)
-    allowed = k_slots[None, :] <= q_slots[:, None]  # [T, S]
-    if sliding_window is not None:
-        allowed &= (q_slots[:, None] - k_slots[None, :]) < sliding_window
-    allowed = allowed[None, :, :] & (key_valid[:, None, :] > 0)  # [B, T, S]
+    allowed = _allowed(key_valid, q_slots, k_slots, sliding_window)  # [B, T, S]
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
