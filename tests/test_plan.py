@@ -115,7 +115,7 @@ def test_plan_grpo_update_and_sampler(capsys, tiny_model_dir):
     prompts = 2 * 32 * F32
     assert 0 <= sampler["arguments"] - (params + prompts + 8) <= 4 * F32, sampler["arguments"]
     # While it samples, the optimizer state and the reference stay on the devices.
-    assert sampler["resident_elsewhere"] == {"train state and reference": 3 * params + SCALARS}
+    assert sampler["resident_elsewhere"] == {"rest of the train state": 2 * params + SCALARS, "reference": params}
     text = format_report(r)
     assert "\ntrain step (" in text and "\nsampler (" in text and "1 layers" in text, text
 

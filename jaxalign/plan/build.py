@@ -419,11 +419,16 @@ def _sampler_program(run: PlannedRun, algorithm, length: int, train_parts: dict,
     policy_bytes = device_bytes(args[0])
     parts = {"policy": policy_bytes, "prompts": device_bytes(args[1:4]), "rng": device_bytes(args[4])}
     # The train state stays on the chips while sampling; the policy's weights are the sampler's argument.
-    elsewhere = {"train state and reference": sum(train_parts.values()) - train_parts["batch"] - policy_bytes}
+    held = sum(train_parts.values()) - train_parts["batch"] - train_parts["reference"] - policy_bytes
+    elsewhere = {"rest of the train state": held}
+    if train_parts["reference"]:
+        elsewhere["reference"] = train_parts["reference"]
     elsewhere.update(train_elsewhere)
     rows, context = prompts * n, length + int(cfg.max_completion_length)
     flops = forward_flops(c, prompts * length, length, prompts)  # prefill; the head on each last position
     flops += int(cfg.max_completion_length) * forward_flops(c, rows, context, rows)  # decode over the cache
     notes = [f"{prompts} prompts of {length} tokens x {n} completions of {cfg.max_completion_length} tokens",
              "XLA counts the decode loop's body once; model FLOPs count every decoded token"]
+    if algorithm.name == "ppo":
+        notes.append("not planned: PPO's rollout forward (policy, reference, value and reward model, no gradient)")
     return Program("sampler", lowered, parts, elsewhere, flops, notes, lower_s)

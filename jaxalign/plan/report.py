@@ -153,8 +153,8 @@ def format_report(r: dict) -> str:
     if r["chip"]:
         c = r["chip"]
         lines.append("")
-        lines.append(f"chip: {c['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, {c['hbm_bytes'] / GIB:.0f} GiB HBM "
-                     f"({c['source']})")
+        lines.append(f"chip: {c['peak_bf16_flops'] / 1e12:.0f} TFLOP/s peak bf16, {c['hbm_bytes'] / GIB:.0f} GiB HBM "
+                     f"(from {c['source']})")
     if r["fits"] is not None:
         lines.append(f"verdict: {'fits' if r['fits'] else 'does NOT fit'} on {r['topology']}")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ CHIPS: dict[str, tuple[float, int]] = {
     "v5p": (459e12, 95 * GIB),
     "v6e": (918e12, 32 * GIB),
 }
-CHIP_SOURCE = "Google Cloud TPU system-architecture pages (peak dense bf16 FLOP/s, HBM per chip)"
+CHIP_SOURCE = "Google Cloud's TPU system-architecture pages, cloud.google.com/tpu/docs/<generation>"
 
 _TPU_NAME = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+){0,2})$")
 EXAMPLES = "v5e:2x2, v5e:4x4, v5e:8x8, v5p:2x2x2, v5p:2x2x4, v6e:4x4, or cpu:N"
