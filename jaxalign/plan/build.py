@@ -270,9 +270,6 @@ class Program:
     model_flops: float  # over all devices, the 6ND convention
     notes: list[str]
     lower_seconds: float = 0.0
-    # XLA's cost analysis counts a loop's body once: the train step's gradient-accumulation scan runs this
-    # many times, so its figure is scaled by it (over-counting the one optimizer update, a small part).
-    loop_repeats: int = 1
 
 
 @dataclasses.dataclass
@@ -350,9 +347,7 @@ def build_plan(cfg, devices, *, num_layers: int | None = None) -> Plan:
     what = ("the largest length bucket" if algorithm.spec.data_kind != "prompt" else
             f"prompts padded to the largest length bucket, {length}, + {cfg.max_completion_length} sampled")
     notes = [f"batch: {run.accum} x {run.micro_batch} rows of {seq} tokens ({what})"]
-    if run.accum > 1:
-        notes.append(f"XLA counts the accumulation loop's body once: its FLOPs are scaled by {run.accum}")
-    programs = [Program("train step", lowered, parts, elsewhere, train_flops, notes, lower_s, loop_repeats=run.accum)]
+    programs = [Program("train step", lowered, parts, elsewhere, train_flops, notes, lower_s)]
 
     facts = {
         "layers": config.num_hidden_layers, "trainable_params": global_count(st.params),
@@ -428,7 +423,7 @@ def _sampler_program(run: PlannedRun, algorithm, length: int, train_parts: dict,
     flops = forward_flops(c, prompts * length, length, prompts)  # prefill; the head on each last position
     flops += int(cfg.max_completion_length) * forward_flops(c, rows, context, rows)  # decode over the cache
     notes = [f"{prompts} prompts of {length} tokens x {n} completions of {cfg.max_completion_length} tokens",
-             "XLA counts the decode loop's body once; model FLOPs count every decoded token"]
+             "the decode loop stops early, so XLA's FLOPs count one decoded token; model FLOPs count them all"]
     if algorithm.name == "ppo":
         notes.append("not planned: PPO's rollout forward (policy, reference, value and reward model, no gradient)")
     return Program("sampler", lowered, parts, elsewhere, flops, notes, lower_s)

@@ -6,14 +6,15 @@ import re
 import time
 
 from jaxalign.plan.build import Plan, Program
+from jaxalign.plan.hlo_flops import loop_flops
 from jaxalign.plan.topology import CHIP_SOURCE, GIB, Topology
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGT])i?B?\b")
+_REFUSED = re.compile(r"temporaries \((\d+(?:\.\d+)?)([KMGT])\) exceeds? available HBM \((\d+(?:\.\d+)?)([KMGT])\)")
 _UNITS = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def _sizes(message: str) -> list[int]:
-    return [int(float(v) * _UNITS[u]) for v, u in _SIZE.findall(message)]
+def _size(value: str, unit: str) -> int:
+    return int(float(value) * _UNITS[unit])
 
 
 def compile_program(program: Program, topo: Topology) -> dict:
@@ -34,9 +35,12 @@ def compile_program(program: Program, topo: Topology) -> dict:
         if not re.search(r"HBM|RESOURCE_EXHAUSTED|out of memory", msg, re.I):
             raise
         rec.update(compile_seconds=round(time.perf_counter() - t0, 2), fits=False, error=msg[:500])
-        sizes = _sizes(msg)
-        if sizes:
-            rec["reported_sizes"] = sizes
+        m = _REFUSED.search(msg)  # libtpu: "HLO temporaries (34.77G) exceeds available HBM (15.75G)"
+        if m:
+            temp, avail = _size(m.group(1), m.group(2)), _size(m.group(3), m.group(4))
+            args = sum(program.parts.values())  # XLA's own figure is not reported: from the shapes
+            need = temp + args + sum(program.resident_elsewhere.values())
+            rec.update(temporaries=temp, arguments=args, available_hbm=avail, peak=need, headroom=avail - need)
         return rec
     rec["compile_seconds"] = round(time.perf_counter() - t0, 2)
     mem = compiled.memory_analysis()
@@ -52,7 +56,10 @@ def compile_program(program: Program, topo: Topology) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
-    flops = float((cost or {}).get("flops", 0.0)) * program.loop_repeats
+    xla_flops = float((cost or {}).get("flops", 0.0))
+    once, looped = loop_flops(compiled.as_text())  # XLA counts each loop body once (the layer scan!)
+    flops = xla_flops - once + looped
+    rec["flops_xla_loop_bodies_once"] = xla_flops
     n = len(topo.devices)
     rec.update(flops=flops, flops_all_devices=flops * n, model_flops=program.model_flops)
     peak = topo.device_peak
@@ -120,9 +127,11 @@ def format_report(r: dict) -> str:
         for note in p["notes"]:
             lines.append(f"  {note}")
         if "error" in p:
-            lines.append(f"  does NOT fit: XLA refused to compile it: {p['error']}")
-            if p.get("hbm"):
-                lines.append(f"  {per} HBM {p['hbm'] / GIB:.2f} GiB")
+            lines.append(f"  does NOT fit: the compiler refused it: {p['error']}")
+            if "available_hbm" in p:
+                lines.append(f"  needs >= {p['peak'] / GIB:.2f} GiB per {per}: temporaries {p['temporaries'] / GIB:.2f} "
+                             f"+ arguments {p['arguments'] / GIB:.2f} (from the shapes); "
+                             f"{p['available_hbm'] / GIB:.2f} GiB available, {-p['headroom'] / GIB:.2f} GiB over")
             continue
         parts = ", ".join(f"{k} {v / scale:.2f}" for k, v in p["argument_parts"].items() if v)
         lines += [
@@ -140,8 +149,8 @@ def format_report(r: dict) -> str:
             verdict = "fits" if p["fits"] else "does NOT fit"
             amount = f"{abs(p['headroom']) / scale:.2f} {unit} {'free' if p['fits'] else 'over'}"
             lines.append(f"  HBM          {_g(p['hbm'])}   -> {verdict}, {amount}")
-        lines.append(f"  FLOPs        {_eng(p['flops'])}FLOP per {per} (XLA cost analysis); model FLOPs "
-                     f"{_eng(p['model_flops'])}FLOP over all {per}s")
+        lines.append(f"  FLOPs        {_eng(p['flops'])}FLOP per {per} (XLA cost analysis, loops at their trip "
+                     f"counts); model FLOPs {_eng(p['model_flops'])}FLOP over all {per}s")
         if "time_lower_bound_s" in p:
             bound = f"  time        >= {p['time_lower_bound_s']:.4g} s at the {per}'s peak bf16 FLOP/s"
             bound += " (a lower bound: no communication, memory or launch time)"
