@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -285,8 +286,6 @@ class Plan:
 
 def build_plan(cfg, devices, *, num_layers: int | None = None) -> Plan:
     """Lower the run's train step (and for GRPO/PPO its sampler) for a mesh over ``devices``."""
-    import time
-
     for key in ("adapters", "ref_adapters"):
         if cfg.get(key):
             raise ConfigError(f"--{key}: plan builds fresh adapters; give the adapter's --lora_rank and "
@@ -327,7 +326,8 @@ def build_plan(cfg, devices, *, num_layers: int | None = None) -> Plan:
 
     jitted = jit_train_step(step, state_sh, batch_sh, jax.tree.map(lambda x: x.sharding, extra), rest_sh)
     t0 = time.perf_counter()
-    lowered = jitted.lower(run.state, batch_abs, extra, run.rest)
+    with jax.set_mesh(mesh):  # as the Trainer's entry points trace: sharding constraints may name mesh axes
+        lowered = jitted.lower(run.state, batch_abs, extra, run.rest)
     lower_s = time.perf_counter() - t0
     st = run.state
     parts = {"params": device_bytes(st.params), "optimizer": device_bytes(st.opt_state),
@@ -388,8 +388,6 @@ def _update_model_flops(algorithm, c, value_c, tokens, rows, seq, cfg, extra) ->
 
 def _sampler_program(run: PlannedRun, algorithm, length: int, train_parts: dict, train_elsewhere: dict) -> Program:
     """The rollout sampler as :meth:`RolloutAlgorithm.sample` runs it, for one generation's prompts."""
-    import time
-
     mesh, cfg, c = run.mesh, run.cfg, run.model_config
     n = algorithm.G if algorithm.name == "grpo" else 1
     prompts = algorithm.prompts_per_generation if algorithm.name == "grpo" else algorithm.rollout_batch
@@ -409,7 +407,8 @@ def _sampler_program(run: PlannedRun, algorithm, length: int, train_parts: dict,
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
     )
     t0 = time.perf_counter()
-    lowered = fn.lower(*args)
+    with jax.set_mesh(mesh):
+        lowered = fn.lower(*args)
     lower_s = time.perf_counter() - t0
     policy_bytes = device_bytes(args[0])
     parts = {"policy": policy_bytes, "prompts": device_bytes(args[1:4]), "rng": device_bytes(args[4])}
