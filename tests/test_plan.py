@@ -63,7 +63,8 @@ def check_train_flops(p: dict) -> None:
 
 
 def test_plan_sft(capsys, tiny_model_dir):
-    r = plan(capsys, "--rlhf_type", "sft", "--model", tiny_model_dir, "--num_layers", "1", "--max_length", "64",
+    config_json = str(Path(tiny_model_dir) / "config.json")  # a bare config.json does (no weights are read)
+    r = plan(capsys, "--rlhf_type", "sft", "--model", config_json, "--num_layers", "1", "--max_length", "64",
              "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "1",
              "--gradient_checkpointing", "false")
     assert (r["rlhf_type"], r["layers"], r["devices"], r["mesh"]) == ("sft", 1, 8, {"data": 1, "fsdp": 8, "tensor": 1})
