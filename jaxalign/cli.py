@@ -10,7 +10,7 @@ import sys
 from jaxalign.errors import ConfigError, JaxalignError, Preempted
 
 # Subcommand modules, in the order `jaxalign --help` lists them.
-COMMANDS = ["demo", "sft", "rlhf", "infer", "export"]
+COMMANDS = ["demo", "sft", "rlhf", "infer", "export", "plan"]
 
 
 class ArgumentParser(argparse.ArgumentParser):

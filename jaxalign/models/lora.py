@@ -177,7 +177,15 @@ def cast_frozen(rest, dtype) -> object:
     dtype = jnp.dtype(dtype)
     if dtype == jnp.float32:
         return rest
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, rest)
+
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):  # an abstract model (`jaxalign plan`)
+            return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+        return x.astype(dtype)
+
+    return jax.tree.map(cast, rest)
 
 
 def trainable_summary(params, rest) -> str:

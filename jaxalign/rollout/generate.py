@@ -115,6 +115,47 @@ def generate(
     else:
         graphdef, state = nnx.split(model)
         config = model.config
+    if isinstance(prompt_mask, np.ndarray) and prompt_mask.size and not np.asarray(prompt_mask)[:, -1].all():
+        raise ValueError("prompts must be left-padded: the last column of prompt_mask must be all ones")
+
+    b, _ = np.shape(prompt_ids)
+    fn, stops = sampler_call(
+        graphdef, config, b, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, stop_token_ids=stop_token_ids,
+        num_return_sequences=num_return_sequences, pad_token_id=pad_token_id, mesh=mesh,
+    )
+    if rng is None:
+        rng = jax.random.key(0)
+    elif isinstance(rng, (int, np.integer)):
+        rng = jax.random.key(int(rng))
+    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
+    stops = jnp.asarray(stops, jnp.int32)
+    if mesh is not None:
+        state = jax.device_put(state, param_shardings(state, mesh))
+        prompt_ids, prompt_mask, stops = jax.device_put((prompt_ids, prompt_mask, stops), batch_sharding(mesh))
+        rng = jax.device_put(rng, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return fn(state, prompt_ids, prompt_mask, stops, rng)
+
+
+def sampler_call(
+    graphdef,
+    config,
+    batch: int,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    repetition_penalty: float = 1.0,
+    stop_token_ids: Sequence[int] | np.ndarray | jax.Array | None = None,
+    num_return_sequences: int = 1,
+    pad_token_id: int | None = None,
+    mesh: Mesh | None = None,
+):
+    """``(fn, stops)``: the jitted sampler :func:`generate` runs for ``batch`` prompts with these settings,
+    ``fn(state, prompt_ids, prompt_mask, stops, rng) -> Rollout``, and the [batch, S] stop-id array it
+    takes. ``jaxalign plan`` lowers the same ``fn`` with abstract arguments."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if num_return_sequences < 1:
@@ -125,18 +166,15 @@ def generate(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if repetition_penalty <= 0:
         raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    if isinstance(prompt_mask, np.ndarray) and prompt_mask.size and not np.asarray(prompt_mask)[:, -1].all():
-        raise ValueError("prompts must be left-padded: the last column of prompt_mask must be all ones")
-
-    b, _ = np.shape(prompt_ids)
     if pad_token_id is None:
         pad_token_id = config.pad_token_id if config.pad_token_id is not None else 0
-    stops = _stop_array(stop_token_ids, config, b)
-    if rng is None:
-        rng = jax.random.key(0)
-    elif isinstance(rng, (int, np.integer)):
-        rng = jax.random.key(int(rng))
-
+    if mesh is not None:
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        if batch % rows:
+            raise ShardingError(
+                f"sampling batch of {batch} prompts does not divide the mesh's data*fsdp = {rows} devices; "
+                f"use a batch size that is a multiple of {rows}"
+            )
     settings = _Settings(
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
@@ -146,21 +184,7 @@ def generate(
         num_return_sequences=int(num_return_sequences),
         pad_token_id=int(pad_token_id),
     )
-    prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
-    prompt_mask = jnp.asarray(prompt_mask, jnp.int32)
-    stops = jnp.asarray(stops, jnp.int32)
-    if mesh is not None:
-        rows = mesh.shape["data"] * mesh.shape["fsdp"]
-        if b % rows:
-            raise ShardingError(
-                f"sampling batch of {b} prompts does not divide the mesh's data*fsdp = {rows} devices; "
-                f"use a batch size that is a multiple of {rows}"
-            )
-        state = jax.device_put(state, param_shardings(state, mesh))
-        prompt_ids, prompt_mask, stops = jax.device_put((prompt_ids, prompt_mask, stops), batch_sharding(mesh))
-        rng = jax.device_put(rng, NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    fn = _compiled(graphdef, settings, mesh)
-    return fn(state, prompt_ids, prompt_mask, stops, rng)
+    return _compiled(graphdef, settings, mesh), _stop_array(stop_token_ids, config, batch)
 
 
 def _stop_array(stop_token_ids, config, batch: int) -> np.ndarray:

@@ -150,16 +150,19 @@ class RolloutAlgorithm(AlgorithmBase):
     def sample(self, trainer, prompt_ids, prompt_mask, *, n: int = 1, greedy: bool = False) -> dict[str, np.ndarray]:
         """``n`` completions per prompt from the current policy: tokens, their log-probs, masks, lengths and
         whether each finished (host arrays)."""
-        cfg = self.cfg
         rng = jax.random.fold_in(self.rng, self.generation)
         self.generation += 1
-        roll = generate(
-            trainer.policy(), prompt_ids, prompt_mask, max_new_tokens=cfg.max_completion_length,
-            temperature=0.0 if greedy else cfg.temperature, top_k=max(cfg.top_k, 0), top_p=cfg.top_p,
-            repetition_penalty=cfg.repetition_penalty, stop_token_ids=self.stop_ids, rng=rng,
-            num_return_sequences=n, pad_token_id=trainer.pad_id, mesh=trainer.mesh,
-        )
+        roll = generate(trainer.policy(), prompt_ids, prompt_mask, rng=rng, **self.sampling(trainer, n, greedy))
         return {name: np.array(getattr(roll, name)) for name in ("tokens", "logps", "mask", "lengths", "finished")}
+
+    def sampling(self, trainer, n: int = 1, greedy: bool = False) -> dict:
+        """The sampler's settings for ``n`` completions per prompt (``jaxalign plan`` compiles with them too)."""
+        cfg = self.cfg
+        return dict(
+            max_new_tokens=cfg.max_completion_length, temperature=0.0 if greedy else cfg.temperature,
+            top_k=max(cfg.top_k, 0), top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty,
+            stop_token_ids=self.stop_ids, num_return_sequences=n, pad_token_id=trainer.pad_id, mesh=trainer.mesh,
+        )
 
     def state_dict(self) -> dict:
         return {"generation": self.generation}

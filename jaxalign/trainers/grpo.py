@@ -24,6 +24,24 @@ from jaxalign.trainers.algorithm import RolloutAlgorithm
 from jaxalign.trainers.grpo_step import GRPOUpdate
 
 
+def update_arrays(prompt_ids, prompt_mask, roll: dict, advantages, *, num_generations: int,
+                  overlong_filter: bool) -> dict[str, np.ndarray]:
+    """The update's arrays for one generation (see :mod:`jaxalign.trainers.grpo_step`): each prompt
+    [P, P_len] repeated for its ``num_generations`` completions, followed by them."""
+    prompt_ids = np.repeat(prompt_ids, num_generations, axis=0)
+    prompt_mask = np.repeat(prompt_mask, num_generations, axis=0)
+    comp_mask = roll["mask"].astype(np.float32)
+    if overlong_filter:
+        comp_mask = comp_mask * roll["finished"].astype(np.float32)[:, None]
+    return {
+        "input_ids": np.concatenate([prompt_ids, roll["tokens"]], axis=1).astype(np.int32),
+        "attention_mask": np.concatenate([prompt_mask, roll["mask"]], axis=1).astype(np.int32),
+        "completion_mask": comp_mask,
+        "old_logps": roll["logps"].astype(np.float32),
+        "advantages": np.asarray(advantages, np.float32),
+    }
+
+
 class GRPO(RolloutAlgorithm):
     """``--rlhf_type grpo``: the reference (while ``--beta`` > 0) is the starting model."""
 
@@ -180,18 +198,8 @@ class GRPO(RolloutAlgorithm):
                 groups = total.reshape(-1, self.G)
         gen_time = time.time() - t0
         adv = np.asarray(group_advantages(jnp.asarray(total), num_generations=self.G, scale_rewards=cfg.scale_rewards))
-        prompt_ids = np.repeat(prompt_batch["prompt_input_ids"], self.G, axis=0)
-        prompt_mask = np.repeat(prompt_batch["prompt_attention_mask"], self.G, axis=0)
-        comp_mask = roll["mask"].astype(np.float32)
-        if cfg.overlong_filter:
-            comp_mask = comp_mask * roll["finished"].astype(np.float32)[:, None]
-        arrays = {
-            "input_ids": np.concatenate([prompt_ids, roll["tokens"]], axis=1).astype(np.int32),
-            "attention_mask": np.concatenate([prompt_mask, roll["mask"]], axis=1).astype(np.int32),
-            "completion_mask": comp_mask,
-            "old_logps": roll["logps"].astype(np.float32),
-            "advantages": adv.astype(np.float32),
-        }
+        arrays = update_arrays(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"], roll, adv,
+                               num_generations=self.G, overlong_filter=cfg.overlong_filter)
         lengths = roll["lengths"]
         metrics = {
             "reward": float(np.mean(groups.mean(axis=1))),

@@ -34,6 +34,17 @@ def param_bytes(module) -> int:
     return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(module, nnx.Param))))
 
 
+def update_arrays(ids, attn, response_mask, logps, values, advantages, returns) -> dict[str, np.ndarray]:
+    """The update's arrays for one rollout (see :mod:`jaxalign.trainers.ppo_step`): prompt+response
+    sequences [R, P+C] and per-response-token [R, C] log-probs, values, advantages and returns."""
+    return {
+        "query_responses": np.asarray(ids, np.int32), "attention_mask": np.asarray(attn, np.int32),
+        "response_mask": np.asarray(response_mask, np.float32), "logps": np.asarray(logps, np.float32),
+        "values": np.asarray(values, np.float32), "advantages": np.asarray(advantages, np.float32),
+        "returns": np.asarray(returns, np.float32),
+    }
+
+
 class PPO(RolloutAlgorithm):
     """``--rlhf_type ppo``: policy and value model trained together; reference and reward model frozen."""
 
@@ -187,11 +198,7 @@ class PPO(RolloutAlgorithm):
         )
         kl = (logps - ref_logps) * rmask
         non_score = (-cfg.kl_coef * kl).sum(1)
-        arrays = {
-            "query_responses": ids, "attention_mask": attn, "response_mask": rmask,
-            "logps": logps.astype(np.float32), "values": values.astype(np.float32),
-            "advantages": np.asarray(adv, np.float32), "returns": np.asarray(returns, np.float32),
-        }
+        arrays = update_arrays(ids, attn, rmask, logps, values, adv, returns)
         eos = np.isin(roll["tokens"], list(self.stop_ids)) & (rmask > 0)
         metrics = {
             "objective/kl": float(kl.sum(1).mean()),

@@ -73,6 +73,12 @@ def optimizer_state_shardings(optimizer: optax.GradientTransformation, params, m
     """Shardings for ``optimizer.init(params)``: every sub-tree shaped like the params (Adam's
     moments) is sharded like them, everything else (step counts) replicated on the mesh.
     Without them the state would land unsharded on one device, apart from the params."""
+    return shardings_like_params(jax.eval_shape(optimizer.init, params), params, mesh)
+
+
+def shardings_like_params(tree, params, mesh: Mesh):
+    """Shardings for ``tree`` (arrays or shapes): each sub-tree shaped like ``params`` (optimizer moments, a
+    reference copy) sharded like the params, everything else replicated."""
     rep = NamedSharding(mesh, PartitionSpec())
     params_def = jax.tree.structure(params)
     param_leaves = jax.tree.leaves(params)
@@ -87,11 +93,36 @@ def optimizer_state_shardings(optimizer: optax.GradientTransformation, params, m
     def assign(node):
         return jax.tree.unflatten(params_def, sharding_leaves) if like_params(node) else rep
 
-    return jax.tree.map(assign, jax.eval_shape(optimizer.init, params), is_leaf=like_params)
+    return jax.tree.map(assign, tree, is_leaf=like_params)
 
 
 def state_shardings(state: TrainState):
     return jax.tree.map(lambda x: x.sharding, state)
+
+
+def abstract_train_state(params, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    """The TrainState :func:`create_train_state` makes, as shapes carrying their shardings (no memory):
+    ``params`` are shapes or arrays, laid out by :func:`param_shardings`."""
+    rep = NamedSharding(mesh, PartitionSpec())
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+
+    def shaped(tree, shardings):  # ``shardings`` is a prefix of ``tree`` (one per variable)
+        return jax.tree.map(lambda s, x: jax.tree.map(lambda y: jax.ShapeDtypeStruct(y.shape, y.dtype, sharding=s), x),
+                            shardings, tree)
+
+    return TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
+        params=shaped(params, param_shardings(params, mesh)),
+        opt_state=shaped(jax.eval_shape(optimizer.init, params), optimizer_state_shardings(optimizer, params, mesh)),
+        rng=jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep),
+    )
+
+
+def jit_train_step(step: Callable, state_sh, batch_sh, extra_sh, *more_sh):
+    """``step(state, batch, extra, *more)`` jitted as the Trainer runs it: inputs laid out by the given
+    shardings, the new state laid out like the old one, the old state donated."""
+    return jax.jit(step, in_shardings=(state_sh, batch_sh, extra_sh, *more_sh), out_shardings=(state_sh, None),
+                   donate_argnums=(0,))
 
 
 def accumulation_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

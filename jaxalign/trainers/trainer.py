@@ -45,6 +45,7 @@ from jaxalign.trainers.step import (
     build_eval_step,
     build_train_step,
     create_train_state,
+    jit_train_step,
     split_model,
     state_shardings,
 )
@@ -83,6 +84,26 @@ class Algorithm(Protocol):
     def export(self, trainer: "Trainer") -> None: ...
 
 
+def split_for_training(model: nnx.Module, cfg, algorithm: Algorithm, mesh):
+    """(graphdef, params, rest) of the prepared module: remat as ``--gradient_checkpointing`` and
+    ``--remat_policy`` say, attention as ``--attn_impl`` says for the mesh's platform, split into
+    what trains and the frozen rest; under LoRA the frozen base in the compute dtype (bfloat16 halves it),
+    adapters and Adam's moments staying float32."""
+    set_remat(model, cfg.gradient_checkpointing, cfg.remat_policy)
+    set_attn_impl(model, check_impl(cfg.get("attn_impl") or "auto", mesh.devices.flat[0].platform))
+    graphdef, params, rest = split_model(model)
+    if algorithm.lora is not None:
+        rest = cast_frozen(rest, cfg.torch_dtype)
+    return graphdef, params, rest
+
+
+def batch_geometry(cfg, algorithm: Algorithm, mesh) -> tuple[int, int, int]:
+    """(data-parallel devices, rows per micro-batch over all of them, micro-batches per optimizer step)."""
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.per_device_train_batch_size * dp
+    return dp, micro, cfg.gradient_accumulation_steps or algorithm.default_accumulation(micro)
+
+
 @dataclasses.dataclass
 class Hook:
     """``fn(trainer, step) -> metrics or None`` every ``every`` steps (and at the last or first step)."""
@@ -105,19 +126,11 @@ class Trainer:
         self.main_process = jax.process_index() == 0
         self.pad_id = pad_id_of(tokenizer)
         self.model_config = model.config
-        set_remat(model, cfg.gradient_checkpointing, cfg.remat_policy)
-        set_attn_impl(model, check_impl(cfg.get("attn_impl") or "auto", mesh.devices.flat[0].platform))
-        self.graphdef, params, self.rest = split_model(model)
-        if algorithm.lora is not None:
-            # The frozen base in the compute dtype (bfloat16 halves it); adapters and Adam's moments stay float32.
-            self.rest = cast_frozen(self.rest, cfg.torch_dtype)
-            if self.main_process:
-                print("jaxalign: " + trainable_summary(params, self.rest))
-        dp = mesh.shape["data"] * mesh.shape["fsdp"]
-        self.data_parallel = dp
-        self.micro_batch = cfg.per_device_train_batch_size * dp
-        self.eval_batch = cfg.per_device_eval_batch_size * dp
-        self.accum = cfg.gradient_accumulation_steps or algorithm.default_accumulation(self.micro_batch)
+        self.graphdef, params, self.rest = split_for_training(model, cfg, algorithm, mesh)
+        if algorithm.lora is not None and self.main_process:
+            print("jaxalign: " + trainable_summary(params, self.rest))
+        self.data_parallel, self.micro_batch, self.accum = batch_geometry(cfg, algorithm, mesh)
+        self.eval_batch = cfg.per_device_eval_batch_size * self.data_parallel
         self.buckets = make_buckets(cfg.max_length, buckets=parse_buckets(cfg.length_buckets))
         try:
             self.batches = BatchIterator(data.train, algorithm.rows_per_batch(self), self.buckets,
@@ -151,9 +164,8 @@ class Trainer:
         if self.step_fn is None:
             fn = build_train_step(self.graphdef, self.rest, self.algo.loss_fn, self.algo.totals_fn, self.optimizer,
                                   self.schedule, counter=self.counter)
-            sh = state_shardings(self.state)
-            self.step_fn = jax.jit(fn, in_shardings=(sh, shardings, jax.tree.map(lambda x: x.sharding, extra)),
-                                    out_shardings=(sh, None), donate_argnums=(0,))
+            self.step_fn = jit_train_step(fn, state_shardings(self.state), shardings,
+                                          jax.tree.map(lambda x: x.sharding, extra))
         self.state, metrics = self.step_fn(self.state, jax.device_put(batch, shardings), extra)
         return metrics
 
