@@ -1,9 +1,102 @@
-"""Per-token log-probabilities of the tokens a sequence actually contains (float32)."""
+"""Per-token log-probabilities of the tokens a sequence actually contains (float32).
+
+The training losses never build a ``[B, T, V]`` float32 logits array: :func:`head_stats` applies the
+LM head to the final hidden states in sequence chunks under ``jax.lax.scan`` with a rematerialised
+body, so the forward keeps one chunk's logits at a time and the backward recomputes them chunk by
+chunk. Each chunk yields the target token's log-prob and, when asked, the entropy, the vocabulary
+mean of the logits (the ``logits/*`` metrics) and the argmax (SFT's ``token_acc``).
+"""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+# Positions per chunk of the LM head. At Llama-3's vocabulary (128256) one row's chunk of float32
+# logits is 131 MB.
+CHUNK_LEN = 256
+# Up to this many logits per row (sequence length x vocabulary, 16 MiB in float32) the head runs in
+# one piece with no remat: chunking would only add the backward's recomputation (the demo, the tests).
+SINGLE_CHUNK_ELEMENTS = 1 << 22
+
+
+class HeadStats(NamedTuple):
+    """Per-position outputs of :func:`head_stats` ([B, T] each; None when not asked for)."""
+
+    logps: jax.Array
+    entropy: jax.Array | None = None
+    mean_logits: jax.Array | None = None
+    argmax: jax.Array | None = None
+
+
+def head_chunk_len(length: int, vocab: int, chunk_len: int | None = None) -> int:
+    """Positions per chunk for ``length`` positions over ``vocab`` logits: ``chunk_len`` when given,
+    else the whole sequence while ``length * vocab <= SINGLE_CHUNK_ELEMENTS``, else ``CHUNK_LEN``."""
+    if chunk_len is None:
+        chunk_len = length if length * vocab <= SINGLE_CHUNK_ELEMENTS else CHUNK_LEN
+    return max(1, min(int(chunk_len), length))
+
+
+def head_stats(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
+               entropy: bool = False, mean_logits: bool = False, argmax: bool = False,
+               chunk_len: int | None = None) -> HeadStats:
+    """From hidden states ``hidden`` [B, T, H] (compute dtype) and the LM head ``head_weight`` [H, V]:
+    at each position t, ``log softmax(logits[t] / temperature)[targets[b, t]]`` (float32), and optionally
+    the entropy of that distribution, the mean over the vocabulary of the raw logits, and their argmax.
+
+    The logits are ``hidden @ head_weight`` in the compute dtype with float32 accumulation, as
+    :meth:`Decoder.logits`; they exist one chunk of positions at a time (see :func:`head_chunk_len`).
+    T need not be a multiple of the chunk (the tail is padded and dropped).
+    """
+    b, t, h = hidden.shape
+    c = head_chunk_len(t, head_weight.shape[-1], chunk_len)
+
+    def chunk(hid, tgt):
+        # the weight is cast inside, so in the chunked backward its gradient accumulates in float32
+        logits = jnp.dot(hid, head_weight.astype(hid.dtype), preferred_element_type=jnp.float32)
+        scaled = logits / temperature if temperature != 1.0 else logits
+        log_z = jax.nn.logsumexp(scaled, axis=-1)
+        picked = jnp.take_along_axis(scaled, tgt[..., None], axis=-1)[..., 0]
+        out = {"logps": picked - log_z}
+        if entropy:
+            logp = scaled - log_z[..., None]
+            out["entropy"] = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+        if mean_logits:
+            out["mean_logits"] = jnp.mean(logits, axis=-1)
+        if argmax:
+            out["argmax"] = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return out
+
+    if c == t:
+        return HeadStats(**chunk(hidden, targets))
+    n = -(-t // c)
+    pad = n * c - t
+    hid = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, h).swapaxes(0, 1)  # [n, B, c, H]
+    tgt = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+
+    def body(carry, xs):
+        return carry, chunk(*xs)
+
+    _, ys = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, (hid, tgt))
+    return HeadStats(**{k: v.swapaxes(0, 1).reshape(b, n * c)[:, :t] for k, v in ys.items()})
+
+
+def token_stats(model, input_ids: jax.Array, attention_mask: jax.Array, *, mean_logits: bool = False,
+                argmax: bool = False, chunk_len: int | None = None) -> HeadStats:
+    """One forward of ``model`` over ``input_ids`` [B, T]: ``logps[b, t] = log p(input_ids[b, t] |
+    input_ids[b, :t])`` with ``logps[:, 0] = 0`` (as :func:`token_logps`); ``mean_logits[b, t]`` the
+    vocabulary-mean logit at position t (as :func:`vocab_mean_logits`, every position, the last
+    included) and ``argmax[b, t]`` the most likely next token at position t, when asked for."""
+    hidden, _ = model.hidden_states(input_ids, attention_mask)
+    # the last position predicts nothing; it goes through the head only for mean_logits / argmax
+    keep = input_ids.shape[1] if (mean_logits or argmax) else input_ids.shape[1] - 1
+    targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))[:, :keep]
+    out = head_stats(hidden[:, :keep], model.head_weight(), targets, mean_logits=mean_logits, argmax=argmax,
+                     chunk_len=chunk_len)
+    logps = jnp.pad(out.logps[:, : input_ids.shape[1] - 1], ((0, 0), (1, 0)))
+    return out._replace(logps=logps)
 
 
 def token_logps(logits: jax.Array, input_ids: jax.Array, *, temperature: float = 1.0) -> jax.Array:
@@ -46,7 +139,7 @@ def masked_row_sums(values: jax.Array, position_mask: jax.Array) -> jax.Array:
 
 
 def completion_logps(model, input_ids: jax.Array, attention_mask: jax.Array, prompt_len: int,
-                     temperature: float) -> tuple[jax.Array, jax.Array]:
+                     temperature: float, *, chunk_len: int | None = None) -> tuple[jax.Array, jax.Array]:
     """(log-probs [B, C], entropies [B, C]) of the tokens from ``prompt_len`` on, at ``temperature``.
 
     Only the C positions that predict those tokens go through the LM head (TRL's ``logits_to_keep``):
@@ -55,8 +148,6 @@ def completion_logps(model, input_ids: jax.Array, attention_mask: jax.Array, pro
     """
     temperature = temperature if temperature > 0 else 1.0
     hidden, _ = model.hidden_states(input_ids, attention_mask)
-    logits = model.logits(hidden[:, prompt_len - 1 : -1]).astype(jnp.float32) / temperature
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, input_ids[:, prompt_len:, None], axis=-1)[..., 0]
-    logp = logits - log_z[..., None]
-    return picked - log_z, -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    out = head_stats(hidden[:, prompt_len - 1 : -1], model.head_weight(), input_ids[:, prompt_len:],
+                     temperature=temperature, entropy=True, chunk_len=chunk_len)
+    return out.logps, out.entropy
