@@ -129,3 +129,30 @@ def test_gradients_equal_the_unchunked_formulation(tied):
         ref = dict((jax.tree_util.keystr(p), x) for p, x in w)[jax.tree_util.keystr(path)]
         assert float(jnp.max(jnp.abs(ref))) > 0, path
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-5, err_msg=str(path))
+
+
+def test_compiled_dpo_loss_holds_no_batch_by_tokens_by_vocab_array(tmp_path):
+    """The value and gradient of the DPO trainer's loss (policy and reference in the step), compiled at
+    T x V above the single-chunk size: no array, float32 or other, holds the logits of all positions."""
+    b, t, v = 1, 600, 8192  # 2B = 2 rows; 600 x 8192 logits per row > SINGLE_CHUNK_ELEMENTS
+    assert head_chunk_len(t, v) < t
+    model = random_model(llama_config(v, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=False))
+    cfg = resolve("rlhf", None, dict(rlhf_type="dpo", model=str(tmp_path), dataset=str(tmp_path / "x.jsonl"),
+                                     output_dir=str(tmp_path / "out"), mesh="data=1,fsdp=1,tensor=1"))
+    algo = PairPreference(cfg)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    algo._graphdef, algo._rest = graphdef, rest
+    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    batch = {f"{side}_{k}": ids for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "loss_mask")}
+
+    def loss(p, ref, micro):
+        totals = algo.totals_fn(micro)
+        return algo.loss_fn(nnx.merge(graphdef, p, rest), micro, totals, ref, None)
+
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    text = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(abstract, abstract, batch).compile().as_text()
+    shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"\b[a-z]+\d*\[([\d,]+)\]", text)}
+    full = [s for s in shapes if v in s and int(np.prod(s)) >= (t - 1) * v]
+    assert not full, f"arrays of all positions' logits in the compiled DPO loss: {sorted(full)}"
+    assert any(v in s for s in shapes)  # the head is in there, in chunks
