@@ -78,10 +78,18 @@ def test_token_stats_and_completion_logps_equal_materialised_logits(tied):
     model = tiny(tied)
     v = model.config.vocab_size
     ids, attn = random_batch(3, 23, v, seed=2)
-    # explicitly materialised logits: the model's plain forward, [B, T, V]
-    logits = np.asarray(model(jnp.asarray(ids), jnp.asarray(attn)), np.float64)
+    graphdef, state = nnx.split(model)
+    prompt_len, temperature = 9, 0.8  # 14 completion positions, chunks of 4
 
-    out = token_stats(model, jnp.asarray(ids), jnp.asarray(attn), mean_logits=True, argmax=True, chunk_len=5)
+    @jax.jit
+    def run(state, ids, attn):
+        m = nnx.merge(graphdef, state)
+        return (m(ids, attn), token_stats(m, ids, attn, mean_logits=True, argmax=True, chunk_len=5),
+                completion_logps(m, ids, attn, prompt_len, temperature, chunk_len=4))
+
+    full, out, (clp, cent) = run(state, jnp.asarray(ids), jnp.asarray(attn))
+    # explicitly materialised logits: the model's plain forward, [B, T, V]
+    logits = np.asarray(full, np.float64)
     lp, _, mean, top = np_stats(logits[:, :-1], ids[:, 1:], 1.0)
     np.testing.assert_allclose(np.asarray(out.logps[:, 1:]), lp, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(np.asarray(out.logps[:, 0]), 0.0)
@@ -89,8 +97,6 @@ def test_token_stats_and_completion_logps_equal_materialised_logits(tied):
     np.testing.assert_array_equal(np.asarray(out.argmax[:, :-1]), top)
     np.testing.assert_array_equal(np.asarray(out.argmax[:, -1]), logits[:, -1].argmax(-1))
 
-    prompt_len, temperature = 9, 0.8  # 14 completion positions, chunks of 4
-    clp, cent = completion_logps(model, jnp.asarray(ids), jnp.asarray(attn), prompt_len, temperature, chunk_len=4)
     lp, ent, _, _ = np_stats(logits[:, prompt_len - 1 : -1], ids[:, prompt_len:], temperature)
     np.testing.assert_allclose(np.asarray(clp), lp, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(cent), ent, rtol=1e-5, atol=1e-5)
@@ -121,8 +127,8 @@ def test_gradients_equal_the_unchunked_formulation(tied):
         ent = -jnp.sum(jnp.exp(logp_t) * logp_t, axis=-1)
         return jnp.sum(wl * tlp) + jnp.sum(we * ent) + jnp.sum(wm * jnp.mean(logits, axis=-1))
 
-    got_v, got = jax.value_and_grad(chunked)(params)
-    want_v, want = jax.value_and_grad(unchunked)(params)
+    got_v, got = jax.jit(jax.value_and_grad(chunked))(params)
+    want_v, want = jax.jit(jax.value_and_grad(unchunked))(params)
     np.testing.assert_allclose(float(got_v), float(want_v), rtol=1e-5)
     for path, g in jax.tree_util.tree_leaves_with_path(got):
         w = jax.tree_util.tree_leaves_with_path(want)

@@ -272,10 +272,6 @@ class Decoder(nnx.Module):
         (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
         return x, (keys, values)
 
-    def head_weight(self) -> jax.Array:
-        """The LM head as [hidden, vocab] float32 (the embedding's transpose when tied)."""
-        return self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states to vocabulary logits in float32."""
         if self.lm_head is None:

@@ -9,7 +9,7 @@ mean of the logits (the ``logits/*`` metrics) and the argmax (SFT's ``token_acc`
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,23 +39,33 @@ def head_chunk_len(length: int, vocab: int, chunk_len: int | None = None) -> int
     return max(1, min(int(chunk_len), length))
 
 
-def head_stats(hidden: jax.Array, head_weight: jax.Array, targets: jax.Array, *, temperature: float = 1.0,
-               entropy: bool = False, mean_logits: bool = False, argmax: bool = False,
+def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Array], targets: jax.Array, *,
+               temperature: float = 1.0, entropy: bool = False, mean_logits: bool = False, argmax: bool = False,
                chunk_len: int | None = None) -> HeadStats:
-    """From hidden states ``hidden`` [B, T, H] (compute dtype) and the LM head ``head_weight`` [H, V]:
-    at each position t, ``log softmax(logits[t] / temperature)[targets[b, t]]`` (float32), and optionally
-    the entropy of that distribution, the mean over the vocabulary of the raw logits, and their argmax.
+    """From hidden states ``hidden`` [B, T, H] (compute dtype) and the LM head: at each position t,
+    ``log softmax(logits[t] / temperature)[targets[b, t]]`` (float32), and optionally the entropy of that
+    distribution, the mean over the vocabulary of the raw logits, and their argmax.
 
-    The logits are ``hidden @ head_weight`` in the compute dtype with float32 accumulation, as
-    :meth:`Decoder.logits`; they exist one chunk of positions at a time (see :func:`head_chunk_len`).
-    T need not be a multiple of the chunk (the tail is padded and dropped).
+    ``head`` is the weight [H, V] (logits ``hidden @ head`` in the compute dtype with float32
+    accumulation) or a function from hidden states [B, c, H] to float32 logits [B, c, V], normally
+    :meth:`Decoder.logits`, so whatever that projection does (tied weights, sharding) holds per chunk.
+    The logits exist one chunk of positions at a time (see :func:`head_chunk_len`); T need not be a
+    multiple of the chunk (the tail is padded and dropped).
     """
     b, t, h = hidden.shape
-    c = head_chunk_len(t, head_weight.shape[-1], chunk_len)
+    if callable(head):
+        project = head
+        vocab = jax.eval_shape(head, jax.ShapeDtypeStruct((b, 1, h), hidden.dtype)).shape[-1]
+    else:
+        # the weight is cast inside the chunk, so in the chunked backward its gradient sums in float32
+        def project(hid):
+            return jnp.dot(hid, head.astype(hid.dtype), preferred_element_type=jnp.float32)
+
+        vocab = head.shape[-1]
+    c = head_chunk_len(t, vocab, chunk_len)
 
     def chunk(hid, tgt):
-        # the weight is cast inside, so in the chunked backward its gradient accumulates in float32
-        logits = jnp.dot(hid, head_weight.astype(hid.dtype), preferred_element_type=jnp.float32)
+        logits = project(hid).astype(jnp.float32)
         scaled = logits / temperature if temperature != 1.0 else logits
         log_z = jax.nn.logsumexp(scaled, axis=-1)
         picked = jnp.take_along_axis(scaled, tgt[..., None], axis=-1)[..., 0]
@@ -93,7 +103,7 @@ def token_stats(model, input_ids: jax.Array, attention_mask: jax.Array, *, mean_
     # the last position predicts nothing; it goes through the head only for mean_logits / argmax
     keep = input_ids.shape[1] if (mean_logits or argmax) else input_ids.shape[1] - 1
     targets = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))[:, :keep]
-    out = head_stats(hidden[:, :keep], model.head_weight(), targets, mean_logits=mean_logits, argmax=argmax,
+    out = head_stats(hidden[:, :keep], model.logits, targets, mean_logits=mean_logits, argmax=argmax,
                      chunk_len=chunk_len)
     logps = jnp.pad(out.logps[:, : input_ids.shape[1] - 1], ((0, 0), (1, 0)))
     return out._replace(logps=logps)
@@ -148,6 +158,6 @@ def completion_logps(model, input_ids: jax.Array, attention_mask: jax.Array, pro
     """
     temperature = temperature if temperature > 0 else 1.0
     hidden, _ = model.hidden_states(input_ids, attention_mask)
-    out = head_stats(hidden[:, prompt_len - 1 : -1], model.head_weight(), input_ids[:, prompt_len:],
+    out = head_stats(hidden[:, prompt_len - 1 : -1], model.logits, input_ids[:, prompt_len:],
                      temperature=temperature, entropy=True, chunk_len=chunk_len)
     return out.logps, out.entropy
