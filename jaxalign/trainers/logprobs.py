@@ -96,9 +96,9 @@ def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Ar
 def token_stats(model, input_ids: jax.Array, attention_mask: jax.Array, *, mean_logits: bool = False,
                 argmax: bool = False, chunk_len: int | None = None) -> HeadStats:
     """One forward of ``model`` over ``input_ids`` [B, T]: ``logps[b, t] = log p(input_ids[b, t] |
-    input_ids[b, :t])`` with ``logps[:, 0] = 0`` (as :func:`token_logps`); ``mean_logits[b, t]`` the
-    vocabulary-mean logit at position t (as :func:`vocab_mean_logits`, every position, the last
-    included) and ``argmax[b, t]`` the most likely next token at position t, when asked for."""
+    input_ids[b, :t])`` with ``logps[:, 0] = 0``; when asked for, ``mean_logits[b, t]`` the
+    vocabulary-mean logit at position t (every position, the last included) and ``argmax[b, t]`` the
+    most likely next token at position t."""
     hidden, _ = model.hidden_states(input_ids, attention_mask)
     # the last position predicts nothing; it goes through the head only for mean_logits / argmax
     keep = input_ids.shape[1] if (mean_logits or argmax) else input_ids.shape[1] - 1
@@ -109,30 +109,10 @@ def token_stats(model, input_ids: jax.Array, attention_mask: jax.Array, *, mean_
     return out._replace(logps=logps)
 
 
-def token_logps(logits: jax.Array, input_ids: jax.Array, *, temperature: float = 1.0) -> jax.Array:
-    """``out[b, t] = log p(input_ids[b, t] | input_ids[b, :t])``; ``out[:, 0] = 0``.
-
-    ``logits`` [B, T, V] are the model's outputs at every position; position t-1 predicts
-    token t. Computed as gathered logit minus logsumexp, without a [B, T, V] log-softmax.
-    """
-    logits = logits[:, :-1].astype(jnp.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, 1:]
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    logps = picked - jax.nn.logsumexp(logits, axis=-1)
-    return jnp.pad(logps, ((0, 0), (1, 0)))
-
-
 def sequence_logps(token_lp: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(sum over response tokens, number of response tokens) per row."""
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(token_lp * mask, axis=-1), jnp.sum(mask, axis=-1)
-
-
-def vocab_mean_logits(logits: jax.Array) -> jax.Array:
-    """``out[b, t]`` = the mean over the vocabulary of the logits at position t (float32) [B, T]."""
-    return jnp.mean(logits.astype(jnp.float32), axis=-1)
 
 
 def predicting_positions(token_mask: jax.Array) -> jax.Array:
