@@ -16,26 +16,23 @@ from flax import nnx
 from jaxalign.errors import ConfigError
 from jaxalign.losses.preference import clear_wins, kto_kl, kto_loss
 from jaxalign.trainers.algorithm import OfflineAlgorithm
-from jaxalign.trainers.logprobs import (
-    masked_row_sums,
-    predicting_positions,
-    sequence_logps,
-    token_logps,
-    vocab_mean_logits,
-)
+from jaxalign.trainers.logprobs import masked_row_sums, predicting_positions, sequence_logps, token_stats
 
 
-def kto_forward(model, micro):
+def kto_forward(model, micro, *, mean_logits: bool = True):
     """From one forward over the rows and their KL pairs: sequence log-probs (sums over completion
     tokens) of the rows [B] and of the KL pairs [B], and per row the sum over the positions predicting
-    its completion of the vocabulary-mean logit [B] (for ``logits/*``)."""
+    its completion of the vocabulary-mean logit [B] (for ``logits/*``; None unless ``mean_logits``).
+    The LM head runs in chunks (:func:`jaxalign.trainers.logprobs.head_stats`)."""
     b = micro["input_ids"].shape[0]
     ids = jnp.concatenate([micro["input_ids"], micro["kl_input_ids"]])
     attn = jnp.concatenate([micro["attention_mask"], micro["kl_attention_mask"]])
     mask = jnp.concatenate([micro["loss_mask"], micro["kl_loss_mask"]])
-    logits = model(ids, attn)
-    sums, _ = sequence_logps(token_logps(logits, ids), mask)
-    logit_sums = masked_row_sums(vocab_mean_logits(logits[:b]), predicting_positions(micro["loss_mask"]))
+    stats = token_stats(model, ids, attn, mean_logits=mean_logits)
+    sums, _ = sequence_logps(stats.logps, mask)
+    logit_sums = None
+    if mean_logits:
+        logit_sums = masked_row_sums(stats.mean_logits[:b], predicting_positions(micro["loss_mask"]))
     return sums[:b], sums[b:], logit_sums
 
 
@@ -77,7 +74,7 @@ class KTO(OfflineAlgorithm):
         b = micro["input_ids"].shape[0]
         logps, kl_logps, logit_sums = kto_forward(model, micro)
         ref_model = nnx.merge(self._graphdef, extra, self._rest)
-        ref_logps, ref_kl_logps, _ = jax.lax.stop_gradient(kto_forward(ref_model, micro))
+        ref_logps, ref_kl_logps, _ = jax.lax.stop_gradient(kto_forward(ref_model, micro, mean_logits=False))
         kl = kto_kl(kl_logps, ref_kl_logps)
         losses, rewards, _ = kto_loss(
             logps, logps, ref_logps, ref_logps, kl, beta=self.beta,

@@ -19,24 +19,23 @@ from jaxalign.data.batching import BatchIterator
 from jaxalign.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from jaxalign.losses.preference import LENGTH_AVERAGED, clear_wins, preference_loss_types
 from jaxalign.trainers.algorithm import OfflineAlgorithm
-from jaxalign.trainers.logprobs import (
-    masked_row_sums,
-    predicting_positions,
-    sequence_logps,
-    token_logps,
-    vocab_mean_logits,
-)
+from jaxalign.trainers.logprobs import masked_row_sums, predicting_positions, sequence_logps, token_stats
 
-def pair_forward(model, micro):
+
+def pair_forward(model, micro, *, mean_logits: bool = True):
     """Chosen and rejected in one forward: (sum logps [2B], token counts [2B], vocabulary-mean logits
-    [2B, L], per-token logps [2B, L], loss masks [2B, L], attention masks [2B, L])."""
+    [2B, L] (None unless ``mean_logits``), per-token logps [2B, L], loss masks [2B, L], attention masks
+    [2B, L]).
+
+    The LM head runs over every position, in chunks (:func:`jaxalign.trainers.logprobs.head_stats`):
+    the ``logits/*`` metrics of CPO, SimPO and ORPO average every position, and ORPO's NLL covers the
+    prompt."""
     ids = jnp.concatenate([micro["chosen_input_ids"], micro["rejected_input_ids"]])
     attn = jnp.concatenate([micro["chosen_attention_mask"], micro["rejected_attention_mask"]])
     mask = jnp.concatenate([micro["chosen_loss_mask"], micro["rejected_loss_mask"]])
-    logits = model(ids, attn)
-    tlp = token_logps(logits, ids)
-    sums, counts = sequence_logps(tlp, mask)
-    return sums, counts, vocab_mean_logits(logits), tlp, mask, attn
+    stats = token_stats(model, ids, attn, mean_logits=mean_logits)
+    sums, counts = sequence_logps(stats.logps, mask)
+    return sums, counts, stats.mean_logits, stats.logps, mask, attn
 
 
 class PairPreference(OfflineAlgorithm):
@@ -141,7 +140,7 @@ class PairPreference(OfflineAlgorithm):
                 ref_sums = jnp.concatenate([micro["ref_chosen_logps"], micro["ref_rejected_logps"]])
             else:
                 ref_model = nnx.merge(self._graphdef, extra, self._rest)
-                ref_sums = jax.lax.stop_gradient(pair_forward(ref_model, micro)[0])
+                ref_sums = jax.lax.stop_gradient(pair_forward(ref_model, micro, mean_logits=False)[0])
             ref_avg = ref_sums / jnp.maximum(counts, 1.0)
         losses, chosen_r, rejected_r, extra_metrics = self._losses(sums, avg, ref_sums, ref_avg, b, bco_delta)
         # The log-probs behind the rewards, for telling a win from float32 rounding (clear_wins).
@@ -211,7 +210,7 @@ class PairPreference(OfflineAlgorithm):
 
         @jax.jit
         def ref_logps(params, batch):
-            return pair_forward(nnx.merge(graphdef, params, rest), batch)[0]
+            return pair_forward(nnx.merge(graphdef, params, rest), batch, mean_logits=False)[0]
 
         bs = trainer.micro_batch
         it = BatchIterator(examples, bs, trainer.buckets, seed=0, pad_id=trainer.pad_id, drop_last=False)
