@@ -10,19 +10,21 @@ the loss, weights are gathered per layer.
 
 from __future__ import annotations
 
-import json
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec
+from flax import nnx
+from jax.sharding import PartitionSpec
 
 from jaxalign.config import resolve
-from jaxalign.parallel import make_mesh
+from jaxalign.convert import load_hf_model
+from jaxalign.parallel import make_mesh, param_shardings
 from jaxalign.parallel.activations import (
     BATCH, EMBED, LENGTH, VOCAB, constrain, context_mesh, gather_weight, mesh_context)
+from jaxalign.rollout import generate
 from jaxalign.trainers.preference import PairPreference
 from jaxalign.trainers.run import build_trainer
 from jaxalign.trainers.sft import SFT
@@ -180,32 +182,25 @@ def test_constrain_shards_the_batch_and_replicates_what_does_not_divide():
     with mesh_context(mesh):
         big, one = f(jnp.ones((8, 3, 10)), jnp.ones((1, 3, 10)))
     assert big.sharding.spec == PartitionSpec(("data", "fsdp"), None, "tensor")
-    assert one.sharding.spec in (PartitionSpec(None, None, "tensor"), PartitionSpec(None, None, "tensor", ))
+    assert one.sharding.spec == PartitionSpec(None, None, "tensor")
     assert big.addressable_shards[0].data.shape == (2, 3, 5) and one.addressable_shards[0].data.shape == (1, 3, 5)
     np.testing.assert_array_equal(np.asarray(big), 2.0)
 
 
 def test_generation_with_one_row_on_eight_devices(env):
-    """The sampler under an fsdp=8 mesh with a batch the mesh does not divide (the model's forward,
-    constraints included, replicates it) gives the unsharded model's greedy tokens."""
-    from jaxalign.convert import load_hf_model
-    from jaxalign.rollout.generate import _compiled, _Settings
-
+    """The sampler traced under an fsdp=8 mesh (constraints active) with a batch of one row, which the mesh
+    does not divide and so replicates, gives the unsharded model's greedy tokens and log-probs."""
     model = load_hf_model(env["untied"])
-    mesh = make_mesh("data=1,fsdp=8,tensor=1")
-    ids = jnp.asarray([[5, 6, 7, 8, 9, 10]], jnp.int32)
-    mask = jnp.ones_like(ids)
-    settings = _Settings(max_new_tokens=5, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                         num_return_sequences=1, pad_token_id=0)
-    from flax import nnx
-
     graphdef, state = nnx.split(model)
-    stops = jnp.full((1, 1), -1, jnp.int32)
-    ref = _compiled(graphdef, settings, None)(state, ids, mask, stops, jax.random.key(0))
-    from jaxalign.parallel import param_shardings
-
+    mesh = make_mesh("data=1,fsdp=8,tensor=1")
     sharded = jax.device_put(state, param_shardings(state, mesh))
+    ids = np.asarray([[5, 6, 7, 8, 9, 10]], np.int32)
+    mask = np.ones_like(ids)
+    kw = dict(max_new_tokens=5, temperature=0.0, stop_token_ids=[], pad_token_id=0)
+    ref = generate((graphdef, state), ids, mask, **kw)
     with mesh_context(mesh):
-        out = _compiled(graphdef, settings, None)(sharded, ids, mask, stops, jax.random.key(0))
+        jaxpr = str(jax.make_jaxpr(lambda s, i: nnx.merge(graphdef, s)(i))(sharded, ids))
+        out = generate((graphdef, sharded), ids, mask, **kw)
+    assert "sharding_constraint" in jaxpr
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
     np.testing.assert_allclose(np.asarray(out.logps), np.asarray(ref.logps), atol=1e-5)
