@@ -118,11 +118,18 @@ def float_results(hlo: str):
             yield m.group(2), dt, tuple(int(d) for d in dims.split(",") if d)
 
 
+def _squeeze_leading(dims: tuple) -> tuple:
+    while len(dims) > 1 and dims[0] == 1:
+        dims = dims[1:]
+    return dims
+
+
 def global_batch_activations(hlo: str) -> tuple[list, list]:
     """(collectives whose result is a global-batch activation, any instruction producing a global-batch
     hidden/MLP/vocab array): rank >= 2, leading dimension the global sequences or tokens."""
     collectives, arrays = [], []
     for op, dt, dims in float_results(hlo):
+        dims = _squeeze_leading(dims)
         if len(dims) < 2 or dims[0] not in (GLOBAL_SEQS, GLOBAL_TOKENS):
             continue
         if op.startswith(COLLECTIVES):
@@ -156,7 +163,8 @@ def test_logits_are_per_shard(fsdp8_hlo):
 def test_weights_are_gathered_not_activations(fsdp8_hlo):
     """Every all-gather carries a weight (or a small per-row vector), none an activation: the MLP's
     [64, 192] kernels are gathered from their [8, 192] shards."""
-    gathers = [(dt, dims) for op, dt, dims in float_results(fsdp8_hlo) if op.startswith("all-gather")]
+    # under the layer scan a layer's slice keeps a leading 1 ([1, 64, 192]); drop it
+    gathers = [(dt, _squeeze_leading(dims)) for op, dt, dims in float_results(fsdp8_hlo) if op.startswith("all-gather")]
     assert gathers
     assert (("f32", (64, 192)) in gathers) or (("bf16", (64, 192)) in gathers), sorted(set(gathers))
     activations = [g for g in gathers if len(g[1]) >= 2 and g[1][0] in (GLOBAL_SEQS, GLOBAL_TOKENS, T)]
