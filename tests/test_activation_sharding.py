@@ -76,19 +76,39 @@ def _one_step(trainer):
 
 
 # ----- the sharded step equals the single-device step ------------------------------------------
+FSDP8_DPO = ("dpo", "untied", "data=1,fsdp=8,tensor=1", True, {})
+
+
+@pytest.fixture(scope="module")
+def single_device(env):
+    """One-device results per (kind, model, flags), shared by the meshes compared against them."""
+    cache = {}
+
+    def get(kind, model, flags):
+        key = (kind, model, tuple(sorted(flags.items())))
+        if key not in cache:
+            trainer = _trainer(env, kind, model, "data=1,fsdp=1,tensor=1", PAIRS, **flags)
+            cache[key] = (trainer, *_one_step(trainer))
+        return cache[key]
+
+    return get
+
+
 @pytest.mark.parametrize("kind,model,mesh,remat,flags", [
     ("dpo", "untied", "data=1,fsdp=8,tensor=1", True, {}),
-    ("dpo", "tied", "data=2,fsdp=2,tensor=2", False, {}),
+    ("dpo", "untied", "data=2,fsdp=2,tensor=2", False, {}),
     ("dpo", "untied", "data=1,fsdp=8,tensor=1", False, {"tuner_type": "lora", "lora_dropout": 0.1}),
     ("sft", "tied", "data=1,fsdp=8,tensor=1", False, {}),
-    ("sft", "untied", "data=2,fsdp=2,tensor=2", True, {}),
+    ("sft", "tied", "data=2,fsdp=2,tensor=2", True, {}),
 ])
-def test_sharded_step_equals_single_device(env, kind, model, mesh, remat, flags):
-    one = _trainer(env, kind, model, "data=1,fsdp=1,tensor=1", PAIRS, **flags)
-    many = _trainer(env, kind, model, mesh, PAIRS // 8 * (2 if "tensor=2" in mesh else 1),
-                    gradient_checkpointing=remat, **flags)
+def test_sharded_step_equals_single_device(request, env, single_device, kind, model, mesh, remat, flags):
+    one, b1, m1, p1 = single_device(kind, model, flags)
+    if (kind, model, mesh, remat, flags) == FSDP8_DPO:  # the trainer whose HLO is inspected below
+        many = request.getfixturevalue("fsdp8_dpo")
+    else:
+        many = _trainer(env, kind, model, mesh, PAIRS // 8 * (2 if "tensor=2" in mesh else 1),
+                        gradient_checkpointing=remat, **flags)
     assert one.micro_batch == many.micro_batch == PAIRS and many.mesh.devices.size == 8
-    b1, m1, p1 = _one_step(one)
     b8, m8, p8 = _one_step(many)
     for k in b1:
         np.testing.assert_array_equal(b1[k], b8[k])
@@ -140,8 +160,13 @@ def global_batch_activations(hlo: str) -> tuple[list, list]:
 
 
 @pytest.fixture(scope="module")
-def fsdp8_hlo(env):
-    trainer = _trainer(env, "dpo", "untied", "data=1,fsdp=8,tensor=1", 1, gradient_checkpointing=True)
+def fsdp8_dpo(env):
+    return _trainer(env, "dpo", "untied", "data=1,fsdp=8,tensor=1", 1, gradient_checkpointing=True)
+
+
+@pytest.fixture(scope="module")
+def fsdp8_hlo(fsdp8_dpo):
+    trainer = fsdp8_dpo
     batch = trainer.algo.next_step_batch(trainer)
     assert batch["chosen_input_ids"].shape == (1, PAIRS, T)
     return trainer.lower_step(batch).compile().as_text()
