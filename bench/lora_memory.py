@@ -172,7 +172,8 @@ def compile_step(mode: str, layers: int, mesh: Mesh, args) -> dict:
     jitted = jax.jit(step, in_shardings=(state_sh, shardings(batch), shardings(extra), shardings(a_rest)),
                      out_shardings=(state_sh, None), donate_argnums=(0,))
     t0 = time.time()
-    lowered = jitted.lower(state, batch, extra, a_rest)
+    with jax.set_mesh(mesh):  # as the Trainer: traced under the mesh, so the activation constraints apply
+        lowered = jitted.lower(state, batch, extra, a_rest)
     t1 = time.time()
     compiled = lowered.compile()
     t2 = time.time()

@@ -21,6 +21,10 @@ from jaxalign.models.attention import NO_WINDOW, attend
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.kv_cache import KVCache
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
+from jaxalign.parallel.activations import (
+    BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP as MLP_AXIS, VOCAB,
+    activation_axis, constrain, embedding_lookup, features, gather_weight,
+)
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], std: float = 0.02) -> nnx.Param:
@@ -47,14 +51,18 @@ class Linear(nnx.Module):
         # A 2-D matmul over all leading positions: with [B, T, D] kept 3-D, XLA's CPU backend lays the
         # backward's weight gradient out through transposing copies (about a quarter of a train step at
         # the demo's size); flattened, the gradient is one plain matmul.
+        # Under a mesh (parallel.activations) the kernel is all-gathered over fsdp in the compute dtype
+        # just before use and its gradient reduce-scattered; the output stays sharded over the batch.
+        axes = self.kernel.get_metadata().get("axes")  # under the layer scan: ("layers", in, out)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        y = jnp.dot(x2.astype(dtype), self.kernel[...].astype(dtype))
+        y = jnp.dot(x2.astype(dtype), gather_weight(self.kernel[...].astype(dtype), axes))
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         if self.lora is not None:
             y = y + self.lora(x2, dtype)
-        return y.reshape(*lead, y.shape[-1])
+        y = y.reshape(*lead, y.shape[-1])
+        return constrain(y, features(y, activation_axis(axes[-1]) if axes else None))
 
 
 class RMSNorm(nnx.Module):
@@ -91,9 +99,12 @@ class Attention(nnx.Module):
         stacked values, this layer's index, first free slot) or None."""
         c = self.c
         b, t, _ = x.shape
+        x = constrain(x, (BATCH, LENGTH, EMBED))
         q = self.q_proj(x, dtype).reshape(b, t, c.num_attention_heads, c.head_dim)
         k = self.k_proj(x, dtype).reshape(b, t, c.num_key_value_heads, c.head_dim)
         v = self.v_proj(x, dtype).reshape(b, t, c.num_key_value_heads, c.head_dim)
+        q = constrain(q, (BATCH, LENGTH, HEADS, HEAD_DIM))
+        k, v = constrain(k, (BATCH, LENGTH, KV_HEADS, HEAD_DIM)), constrain(v, (BATCH, LENGTH, KV_HEADS, HEAD_DIM))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -108,9 +119,12 @@ class Attention(nnx.Module):
             new_cache = (keys, values)
         else:
             new_cache = None
-        out = attend(q, k.astype(dtype), v.astype(dtype), key_valid, q_slots, k_slots, sliding_window=window,
-                     impl=self.attn_impl, static_window=c.sliding_window)
-        return self.o_proj(out.reshape(b, t, -1), dtype), new_cache
+        kv_axes = (BATCH, KV_HEADS, LENGTH, HEAD_DIM)
+        k, v = constrain(k.astype(dtype), kv_axes), constrain(v.astype(dtype), kv_axes)
+        out = attend(q, k, v, key_valid, q_slots, k_slots, sliding_window=window, impl=self.attn_impl,
+                     static_window=c.sliding_window)
+        out = constrain(out.reshape(b, t, -1), (BATCH, LENGTH, HEADS))
+        return self.o_proj(out, dtype), new_cache
 
 
 class MLP(nnx.Module):
@@ -122,7 +136,9 @@ class MLP(nnx.Module):
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), bias=c.mlp_bias, rngs=rngs)
 
     def __call__(self, x, dtype):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), dtype)
+        x = constrain(x, (BATCH, LENGTH, EMBED))
+        h = constrain(jax.nn.silu(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), (BATCH, LENGTH, MLP_AXIS))
+        return self.down_proj(h, dtype)
 
 
 class DecoderLayer(nnx.Module):
@@ -133,11 +149,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c, rngs=rngs)
 
     def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
+        x = constrain(x, (BATCH, LENGTH, EMBED))  # the residual stream stays sharded over the batch
         attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, q_slots, k_slots, window,
                                          layer_cache, dtype)
-        x = x + attn
+        x = constrain(x + attn, (BATCH, LENGTH, EMBED))
         x = x + self.mlp(self.post_attention_layernorm(x), dtype)
-        return x, new_cache
+        return constrain(x, (BATCH, LENGTH, EMBED)), new_cache
 
 
 # ``--remat_policy``: what the backward keeps of each layer's forward. "full" keeps only the layer's input
@@ -218,9 +235,9 @@ class Decoder(nnx.Module):
             q_slots = cache.index + jnp.arange(t)
             k_slots = jnp.arange(cache.max_len)
             key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
-        x = self.embed_tokens[...][input_ids].astype(self.dtype)
+        x = embedding_lookup(self.embed_tokens[...], input_ids, self.dtype)
         x, new_kv = self._scan_layers(x, cos, sin, key_valid, q_slots, k_slots, cache)
-        x = self.norm(x)
+        x = constrain(self.norm(x), (BATCH, LENGTH, EMBED))
         if cache is None:
             return x, None
         new_cache = KVCache(
@@ -273,12 +290,15 @@ class Decoder(nnx.Module):
         return x, (keys, values)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Project hidden states to vocabulary logits in float32."""
+        """Project hidden states [B, (T,) hidden] to vocabulary logits in float32 (per batch shard under a
+        mesh, the vocabulary over tensor)."""
+        hidden = constrain(hidden, features(hidden, EMBED))
         if self.lm_head is None:
-            w = self.embed_tokens[...].T
+            w = gather_weight(self.embed_tokens[...].astype(hidden.dtype), ("vocab", "embed")).T
         else:
-            w = self.lm_head[...]
-        return jnp.dot(hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+            w = gather_weight(self.lm_head[...].astype(hidden.dtype), ("embed", "vocab"))
+        logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+        return constrain(logits, features(logits, VOCAB))
 
     def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
         hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache=cache)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxalign.parallel.activations import gather_weight
+
 # The decoder's linear layers, as PEFT and ms-swift name them; "all-linear" means all of them.
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -84,8 +86,11 @@ class LoRA(nnx.Module):
         if self.dropout > 0.0 and self.dropout_key is not None:
             keep = jax.random.bernoulli(jax.random.wrap_key_data(self.dropout_key[...]), 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), jnp.zeros_like(x))
-        h = jnp.dot(x.astype(dtype), self.a[...].astype(dtype))
-        return jnp.dot(h, self.b[...].astype(dtype)) * jnp.asarray(self.scaling, dtype)
+        # Under a mesh the adapters are gathered over fsdp before use, like the kernel (parallel.activations).
+        a = gather_weight(self.a[...].astype(dtype), self.a.get_metadata().get("axes"))
+        b = gather_weight(self.b[...].astype(dtype), self.b.get_metadata().get("axes"))
+        h = jnp.dot(x.astype(dtype), a)
+        return jnp.dot(h, b) * jnp.asarray(self.scaling, dtype)
 
 
 def _linears(model: nnx.Module):

@@ -10,13 +10,15 @@ from flax import nnx
 
 from jaxalign.convert.value_head_io import load_reward_model
 from jaxalign.errors import ConfigError
+from jaxalign.parallel.activations import mesh_context
 
 
 class RewardModelReward:
     """Scores prompt + completion token ids with a RewardModel; one compilation per padded length."""
 
-    def __init__(self, model, name: str = "reward_model"):
+    def __init__(self, model, name: str = "reward_model", mesh=None):
         self.name = name
+        self.mesh = mesh  # the model's activations are sharded over its mesh's batch axes
         graphdef, state = nnx.split(model)
         self._state = state
         self._fn = jax.jit(lambda st, ids, mask: nnx.merge(graphdef, st).scores(ids, mask))
@@ -30,7 +32,7 @@ class RewardModelReward:
                 f"--reward_model {path}: vocabulary of {model.config.vocab_size} tokens differs from the policy's "
                 f"{vocab_size}; the reward model must share the policy's tokenizer"
             )
-        return (Path(path).name or "reward_model", cls(model, name=Path(path).name or "reward_model"))
+        return (Path(path).name or "reward_model", cls(model, name=Path(path).name or "reward_model", mesh=mesh))
 
     def __call__(self, completions, *, prompt_ids=None, completion_ids=None, **_) -> list[float]:
         if prompt_ids is None or completion_ids is None:
@@ -43,4 +45,6 @@ class RewardModelReward:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = s
             mask[i, : len(s)] = 1
-        return [float(x) for x in np.asarray(self._fn(self._state, ids, mask))]
+        with mesh_context(self.mesh):
+            scores = self._fn(self._state, ids, mask)
+        return [float(x) for x in np.asarray(scores)]

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxalign.errors import ShardingError
 from jaxalign.models import kv_cache
 from jaxalign.models.kv_cache import KVCache, init_cache
+from jaxalign.parallel.activations import mesh_context
 from jaxalign.parallel.rules import batch_sharding, logical_to_spec, param_shardings
 from jaxalign.rollout.sampling import process_logits, select_tokens, token_logps
 
@@ -135,7 +136,8 @@ def generate(
         state = jax.device_put(state, param_shardings(state, mesh))
         prompt_ids, prompt_mask, stops = jax.device_put((prompt_ids, prompt_mask, stops), batch_sharding(mesh))
         rng = jax.device_put(rng, NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return fn(state, prompt_ids, prompt_mask, stops, rng)
+    with mesh_context(mesh):  # the model's activations sharded over the rows (parallel.activations)
+        return fn(state, prompt_ids, prompt_mask, stops, rng)
 
 
 def sampler_call(

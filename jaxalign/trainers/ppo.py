@@ -25,6 +25,7 @@ from jaxalign.convert.value_head_io import load_reward_model, save_reward_model,
 from jaxalign.data.collate import collate_prompt
 from jaxalign.errors import ConfigError
 from jaxalign.models.decoder import set_attn_impl
+from jaxalign.parallel.activations import mesh_context
 from jaxalign.trainers.algorithm import RolloutAlgorithm
 from jaxalign.trainers.tuner import export_adapter
 from jaxalign.trainers.ppo_step import PolicyAndValue, PPOUpdate, advantages_and_returns, rollout_forward
@@ -185,7 +186,9 @@ class PPO(RolloutAlgorithm):
             if a.shape[0] < chunk:  # keep one compiled shape
                 pad = chunk - a.shape[0]
                 a, m = np.concatenate([a, np.repeat(a[-1:], pad, 0)]), np.concatenate([m, np.repeat(m[-1:], pad, 0)])
-            o = jax.device_get(self.rollout_forward_fn(trainer.state.params, self.ref_params_frozen, self.rm_params, a, m, p))
+            with mesh_context(trainer.mesh):
+                o = self.rollout_forward_fn(trainer.state.params, self.ref_params_frozen, self.rm_params, a, m, p)
+            o = jax.device_get(o)
             outs.append([np.asarray(x)[: ids[sl].shape[0]] for x in o])
         logps, ref_logps, values, scores = (np.concatenate([o[k] for o in outs]) for k in range(4))
         rmask = roll["mask"].astype(np.float32)
@@ -234,7 +237,8 @@ class PPO(RolloutAlgorithm):
         p = batch["prompt_input_ids"].shape[1]
         ids = np.concatenate([batch["prompt_input_ids"], roll["tokens"]], axis=1).astype(np.int32)
         attn = np.concatenate([batch["prompt_attention_mask"], roll["mask"]], axis=1).astype(np.int32)
-        scores = np.asarray(self.score_fn(self.rm_params, ids, attn))[:n]
+        with mesh_context(trainer.mesh):
+            scores = np.asarray(self.score_fn(self.rm_params, ids, attn))[:n]
         rows_out = []
         for i in range(n):
             rows_out.append(json.dumps({

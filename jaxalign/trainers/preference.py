@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxalign.data.batching import BatchIterator
 from jaxalign.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from jaxalign.losses.preference import LENGTH_AVERAGED, clear_wins, preference_loss_types
+from jaxalign.parallel.activations import mesh_context
 from jaxalign.trainers.algorithm import OfflineAlgorithm
 from jaxalign.trainers.logprobs import masked_row_sums, predicting_positions, sequence_logps, token_stats
 
@@ -219,7 +220,8 @@ class PairPreference(OfflineAlgorithm):
             idx = list(idx)
             padded = idx + [idx[-1]] * (bs - len(idx))  # keep one shape per bucket
             batch = {k: v for k, v in it.make_batch(padded).items() if k != "margin"}
-            sums = np.asarray(ref_logps(ref, batch))
+            with mesh_context(trainer.mesh):
+                sums = np.asarray(ref_logps(ref, batch))
             for j, i in enumerate(idx):
                 out[i] = dataclasses.replace(
                     examples[i], ref_chosen_logps=float(sums[j]), ref_rejected_logps=float(sums[bs + j])

@@ -26,6 +26,7 @@ from jaxalign.errors import ConfigError, JaxalignError, Preempted, TrainingDiver
 from jaxalign.models.attention import check_impl
 from jaxalign.models.decoder import set_attn_impl, set_remat
 from jaxalign.models.lora import cast_frozen, trainable_summary
+from jaxalign.parallel.activations import mesh_context
 from jaxalign.convert.checkpoint_io import read_meta
 from jaxalign.trainers.checkpoint import (
     CheckpointWriter,
@@ -157,17 +158,30 @@ class Trainer:
     def _batch_shardings(self, batch: dict):
         return {k: accumulation_sharding(self.mesh, v.ndim) for k, v in batch.items()}
 
-    def train_step(self, batch: dict) -> dict:
-        """One optimizer step on a stacked [A, B, ...] numpy batch; returns device metrics."""
-        extra = self.algo.extra()
-        shardings = self._batch_shardings(batch)
+    def _step_function(self, batch: dict, extra):
         if self.step_fn is None:
             fn = build_train_step(self.graphdef, self.rest, self.algo.loss_fn, self.algo.totals_fn, self.optimizer,
                                   self.schedule, counter=self.counter)
-            self.step_fn = jit_train_step(fn, state_shardings(self.state), shardings,
+            self.step_fn = jit_train_step(fn, state_shardings(self.state), self._batch_shardings(batch),
                                           jax.tree.map(lambda x: x.sharding, extra))
-        self.state, metrics = self.step_fn(self.state, jax.device_put(batch, shardings), extra)
+        return self.step_fn
+
+    def train_step(self, batch: dict) -> dict:
+        """One optimizer step on a stacked [A, B, ...] numpy batch; returns device metrics."""
+        extra = self.algo.extra()
+        batch = jax.device_put(batch, self._batch_shardings(batch))
+        # Traced (and run) under the mesh: the model's activation constraints apply (parallel.activations).
+        with mesh_context(self.mesh):
+            self.state, metrics = self._step_function(batch, extra)(self.state, batch, extra)
         return metrics
+
+    def lower_step(self, batch: dict):
+        """The compiled step's ``jax.stages.Lowered`` for a stacked batch like ``train_step``'s (inspection:
+        ``.compile().as_text()``, ``.memory_analysis()``); runs nothing."""
+        extra = self.algo.extra()
+        batch = jax.device_put(batch, self._batch_shardings(batch))
+        with mesh_context(self.mesh):
+            return self._step_function(batch, extra).lower(self.state, batch, extra)
 
     def step_on(self, batches: list[dict]) -> dict[str, float]:
         """One optimizer step on micro-batches (stacked, padded to the longest); host float metrics."""
@@ -194,7 +208,9 @@ class Trainer:
             if len(idx) != self.eval_batch:
                 continue
             batch = stack_micro_batches([it.make_batch(idx)], self.pad_id)
-            m = jax.device_get(self.eval_fn(self.state.params, jax.device_put(batch, self._batch_shardings(batch)), extra))
+            with mesh_context(self.mesh):
+                m = self.eval_fn(self.state.params, jax.device_put(batch, self._batch_shardings(batch)), extra)
+            m = jax.device_get(m)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n += 1
