@@ -14,6 +14,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxalign.parallel.rules import logical_to_spec
+
 # Positions per chunk of the LM head. At Llama-3's vocabulary (128256) one row's chunk of float32
 # logits is 131 MB.
 CHUNK_LEN = 256
@@ -29,6 +31,17 @@ class HeadStats(NamedTuple):
     entropy: jax.Array | None = None
     mean_logits: jax.Array | None = None
     argmax: jax.Array | None = None
+
+
+def _batch_sharded(x: jax.Array, batch_dim: int) -> jax.Array:
+    """``x`` with dimension ``batch_dim`` pinned to the batch's mesh axes (data, fsdp) of the mesh the
+    trace runs under (``jax.set_mesh``), the rest replicated; unchanged without one. Inside the chunk
+    loop XLA does not otherwise carry the batch sharding over and computes every chunk for the global batch."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size <= 1:
+        return x
+    axes = tuple("batch" if i == batch_dim else None for i in range(x.ndim))
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def head_chunk_len(length: int, vocab: int, chunk_len: int | None = None) -> int:
@@ -65,7 +78,8 @@ def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Ar
     c = head_chunk_len(t, vocab, chunk_len)
 
     def chunk(hid, tgt):
-        logits = project(hid).astype(jnp.float32)
+        hid = _batch_sharded(hid, 0)
+        logits = _batch_sharded(project(hid).astype(jnp.float32), 0)
         scaled = logits / temperature if temperature != 1.0 else logits
         log_z = jax.nn.logsumexp(scaled, axis=-1)
         picked = jnp.take_along_axis(scaled, tgt[..., None], axis=-1)[..., 0]
@@ -85,6 +99,7 @@ def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Ar
     pad = n * c - t
     hid = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, h).swapaxes(0, 1)  # [n, B, c, H]
     tgt = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+    hid, tgt = _batch_sharded(hid, 1), _batch_sharded(tgt, 1)
 
     def body(carry, xs):
         return carry, chunk(*xs)
