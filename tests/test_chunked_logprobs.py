@@ -180,8 +180,9 @@ def test_compiled_dpo_loss_holds_no_batch_by_tokens_by_vocab_array(tmp_path):
 
 def test_sharded_chunks_hold_each_devices_own_rows(tmp_path):
     """On 8 devices (fsdp=8), 8 pairs = 16 rows, 2 per device: every array of the head's logits holds at most
-    one device's rows of one chunk (2 x 256 x V), never the global batch's chunk (16 x 256 x V); without the
-    batch constraint in the chunk loop XLA computed every chunk for all 16 rows on every device."""
+    one device's rows of one chunk (2 x 256 x V), never the global batch's chunk (16 x 256 x V). With nothing
+    pinning the batch (no activation constraint or weight gather, before issue 16 part 1 and the chunk loop's
+    constraint) XLA computed every chunk for all 16 rows on every device."""
     t, v = 600, 8192
     mesh = make_mesh("data=1,fsdp=8,tensor=1", devices=jax.devices()[:8])
     shapes = compiled_dpo_loss_shapes(tmp_path, 8, t, v, mesh)

@@ -14,7 +14,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxalign.parallel.rules import logical_to_spec
+from jaxalign.parallel.activations import BATCH, EMBED, LENGTH, VOCAB, constrain, features
 
 # Positions per chunk of the LM head. At Llama-3's vocabulary (128256) one row's chunk of float32
 # logits is 131 MB.
@@ -31,17 +31,6 @@ class HeadStats(NamedTuple):
     entropy: jax.Array | None = None
     mean_logits: jax.Array | None = None
     argmax: jax.Array | None = None
-
-
-def _batch_sharded(x: jax.Array, batch_dim: int) -> jax.Array:
-    """``x`` with dimension ``batch_dim`` pinned to the batch's mesh axes (data, fsdp) of the mesh the
-    trace runs under (``jax.set_mesh``), the rest replicated; unchanged without one. Inside the chunk
-    loop XLA does not otherwise carry the batch sharding over and computes every chunk for the global batch."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh is None or mesh.empty or mesh.size <= 1:
-        return x
-    axes = tuple("batch" if i == batch_dim else None for i in range(x.ndim))
-    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def head_chunk_len(length: int, vocab: int, chunk_len: int | None = None) -> int:
@@ -72,14 +61,15 @@ def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Ar
     else:
         # the weight is cast inside the chunk, so in the chunked backward its gradient sums in float32
         def project(hid):
-            return jnp.dot(hid, head.astype(hid.dtype), preferred_element_type=jnp.float32)
+            hid = constrain(hid, features(hid, EMBED))
+            logits = jnp.dot(hid, head.astype(hid.dtype), preferred_element_type=jnp.float32)
+            return constrain(logits, features(logits, VOCAB))
 
         vocab = head.shape[-1]
     c = head_chunk_len(t, vocab, chunk_len)
 
     def chunk(hid, tgt):
-        hid = _batch_sharded(hid, 0)
-        logits = _batch_sharded(project(hid).astype(jnp.float32), 0)
+        logits = project(hid).astype(jnp.float32)
         scaled = logits / temperature if temperature != 1.0 else logits
         log_z = jax.nn.logsumexp(scaled, axis=-1)
         picked = jnp.take_along_axis(scaled, tgt[..., None], axis=-1)[..., 0]
@@ -99,7 +89,8 @@ def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Ar
     pad = n * c - t
     hid = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, h).swapaxes(0, 1)  # [n, B, c, H]
     tgt = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
-    hid, tgt = _batch_sharded(hid, 1), _batch_sharded(tgt, 1)
+    # each chip runs the loop over its own rows (under a mesh; see jaxalign.parallel.activations)
+    hid, tgt = constrain(hid, (None, BATCH, LENGTH, EMBED)), constrain(tgt, (None, BATCH, LENGTH))
 
     def body(carry, xs):
         return carry, chunk(*xs)
