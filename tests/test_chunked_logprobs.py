@@ -6,6 +6,7 @@ heads; its gradients equal those of the unchunked formulation; and a compiled DP
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import jax
@@ -16,6 +17,8 @@ from flax import nnx
 
 from jaxalign.config import resolve
 from jaxalign.demo.tiny_model import llama_config, random_model
+from jaxalign.parallel.mesh import make_mesh
+from jaxalign.parallel.rules import batch_sharding, param_shardings
 from jaxalign.trainers.logprobs import completion_logps, head_chunk_len, head_stats, token_stats
 from jaxalign.trainers.preference import PairPreference
 
@@ -137,11 +140,10 @@ def test_gradients_equal_the_unchunked_formulation(tied):
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-5, err_msg=str(path))
 
 
-def test_compiled_dpo_loss_holds_no_batch_by_tokens_by_vocab_array(tmp_path):
-    """The value and gradient of the DPO trainer's loss (policy and reference in the step), compiled at
-    T x V above the single-chunk size: no array, float32 or other, holds the logits of all positions."""
-    b, t, v = 1, 600, 8192  # 2B = 2 rows; 600 x 8192 logits per row > SINGLE_CHUNK_ELEMENTS
-    assert head_chunk_len(t, v) < t
+def compiled_dpo_loss_shapes(tmp_path, pairs: int, t: int, v: int, mesh=None) -> set[tuple[int, ...]]:
+    """The array shapes in the compiled value and gradient of the DPO trainer's loss (policy and reference in
+    the step) for ``pairs`` pairs of ``t`` tokens over a ``v``-word vocabulary; under ``mesh`` (fsdp) with
+    the parameters and the batch sharded as the trainer shards them, traced under ``jax.set_mesh``."""
     model = random_model(llama_config(v, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                       num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=False))
     cfg = resolve("rlhf", None, dict(rlhf_type="dpo", model=str(tmp_path), dataset=str(tmp_path / "x.jsonl"),
@@ -149,7 +151,7 @@ def test_compiled_dpo_loss_holds_no_batch_by_tokens_by_vocab_array(tmp_path):
     algo = PairPreference(cfg)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     algo._graphdef, algo._rest = graphdef, rest
-    ids = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    ids = jax.ShapeDtypeStruct((pairs, t), jnp.int32, sharding=batch_sharding(mesh) if mesh is not None else None)
     batch = {f"{side}_{k}": ids for side in ("chosen", "rejected") for k in ("input_ids", "attention_mask", "loss_mask")}
 
     def loss(p, ref, micro):
@@ -157,8 +159,33 @@ def test_compiled_dpo_loss_holds_no_batch_by_tokens_by_vocab_array(tmp_path):
         return algo.loss_fn(nnx.merge(graphdef, p, rest), micro, totals, ref, None)
 
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    text = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(abstract, abstract, batch).compile().as_text()
-    shapes = {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"\b[a-z]+\d*\[([\d,]+)\]", text)}
+    if mesh is not None:
+        abstract = jax.tree.map(lambda sh, x: jax.tree.map(lambda y: jax.ShapeDtypeStruct(y.shape, y.dtype, sharding=sh), x),
+                                param_shardings(params, mesh), abstract)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        text = jax.jit(jax.value_and_grad(loss, has_aux=True)).lower(abstract, abstract, batch).compile().as_text()
+    return {tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"\b[a-z]+\d*\[([\d,]+)\]", text)}
+
+
+def test_compiled_dpo_loss_holds_no_batch_by_tokens_by_vocab_array(tmp_path):
+    """Compiled at T x V above the single-chunk size: no array, float32 or other, holds the logits of all
+    positions (the previous path held f32[2, 600, 8192] and f32[2, 599, 8192])."""
+    t, v = 600, 8192  # 600 x 8192 logits per row > SINGLE_CHUNK_ELEMENTS
+    assert head_chunk_len(t, v) < t
+    shapes = compiled_dpo_loss_shapes(tmp_path, 1, t, v)
     full = [s for s in shapes if v in s and int(np.prod(s)) >= (t - 1) * v]
     assert not full, f"arrays of all positions' logits in the compiled DPO loss: {sorted(full)}"
     assert any(v in s for s in shapes)  # the head is in there, in chunks
+
+
+def test_sharded_chunks_hold_each_devices_own_rows(tmp_path):
+    """On 8 devices (fsdp=8), 8 pairs = 16 rows, 2 per device: every array of the head's logits holds at most
+    one device's rows of one chunk (2 x 256 x V), never the global batch's chunk (16 x 256 x V). With nothing
+    pinning the batch (no activation constraint or weight gather, before issue 16 part 1 and the chunk loop's
+    constraint) XLA computed every chunk for all 16 rows on every device."""
+    t, v = 600, 8192
+    mesh = make_mesh("data=1,fsdp=8,tensor=1", devices=jax.devices()[:8])
+    shapes = compiled_dpo_loss_shapes(tmp_path, 8, t, v, mesh)
+    big = [s for s in shapes if v in s and int(np.prod(s)) > 2 * head_chunk_len(t, v) * v]
+    assert not big, f"arrays of more than one device's rows of a chunk: {sorted(big)}"
+    assert any(v in s and int(np.prod(s)) == 2 * head_chunk_len(t, v) * v for s in shapes)

@@ -14,6 +14,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxalign.parallel.activations import BATCH, EMBED, LENGTH, VOCAB, constrain, features
+
 # Positions per chunk of the LM head. At Llama-3's vocabulary (128256) one row's chunk of float32
 # logits is 131 MB.
 CHUNK_LEN = 256
@@ -59,7 +61,9 @@ def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Ar
     else:
         # the weight is cast inside the chunk, so in the chunked backward its gradient sums in float32
         def project(hid):
-            return jnp.dot(hid, head.astype(hid.dtype), preferred_element_type=jnp.float32)
+            hid = constrain(hid, features(hid, EMBED))
+            logits = jnp.dot(hid, head.astype(hid.dtype), preferred_element_type=jnp.float32)
+            return constrain(logits, features(logits, VOCAB))
 
         vocab = head.shape[-1]
     c = head_chunk_len(t, vocab, chunk_len)
@@ -85,6 +89,8 @@ def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Ar
     pad = n * c - t
     hid = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, h).swapaxes(0, 1)  # [n, B, c, H]
     tgt = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, n, c).swapaxes(0, 1)
+    # each chip runs the loop over its own rows (under a mesh; see jaxalign.parallel.activations)
+    hid, tgt = constrain(hid, (None, BATCH, LENGTH, EMBED)), constrain(tgt, (None, BATCH, LENGTH))
 
     def body(carry, xs):
         return carry, chunk(*xs)
