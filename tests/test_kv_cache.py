@@ -13,6 +13,7 @@ import pytest
 from helpers import SHARP, cached_forward, forward, padded_batch, save_hf_model_dir
 from jaxalign.convert import load_hf_model
 from jaxalign.models import init_cache
+from jaxalign.models.kv_cache import unstack
 
 CASES = {
     "llama": ("llama", {}),  # GQA, untied
@@ -70,6 +71,23 @@ def decode(step, model, cache, new_tokens, full):
         assert logits.shape == (len(PROMPT_LENGTHS), 1, model.config.vocab_size)
         assert float(np.abs(np.asarray(logits[:, 0]) - full[:, first + i]).max()) <= TOL, f"decode step {i}"
     return cache
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen3", "mistral_sliding_window"])
+def test_decode_over_per_layer_cache_equals_full_forward(models, case):
+    """The sampler's decode form: the stacked cache after prefill split into per-layer arrays, the layers
+    unrolled; every step equals the full forward, and the stacked and per-layer caches hold the same slots."""
+    model = models(case)
+    prompt, prompt_mask, new_tokens = data(model.config.vocab_size)
+    full = full_forward(model, prompt, prompt_mask, new_tokens)
+    cache = init_cache(model.config, len(PROMPT_LENGTHS), MAX_LEN)
+    _, cache = cached_forward(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache)
+    per_layer = decode(cached_forward, model, unstack(cache), new_tokens, full)
+    stacked = decode(cached_forward, model, cache, new_tokens, full)
+    assert isinstance(per_layer.keys, tuple) and len(per_layer.keys) == model.config.num_hidden_layers
+    for i, (k, v) in enumerate(zip(per_layer.keys, per_layer.values)):
+        np.testing.assert_allclose(np.asarray(k), np.asarray(stacked.keys[i]), atol=TOL)
+        np.testing.assert_allclose(np.asarray(v), np.asarray(stacked.values[i]), atol=TOL)
 
 
 @pytest.mark.parametrize("case", list(CASES))

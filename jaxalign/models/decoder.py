@@ -19,7 +19,7 @@ from flax import nnx
 from jaxalign.models.attention import IMPLS as ATTN_IMPLS
 from jaxalign.models.attention import NO_WINDOW, attend
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.kv_cache import KVCache
+from jaxalign.models.kv_cache import KVCache, is_unstacked
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxalign.parallel.activations import (
     BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP as MLP_AXIS, VOCAB,
@@ -96,7 +96,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
         """``window``: this layer's sliding window (a traced int32 under the layer scan; ``NO_WINDOW`` for a
         global layer) or None when no layer of the model has one. ``layer_cache``: (stacked keys [L, B, K, S, D],
-        stacked values, this layer's index, first free slot) or None."""
+        stacked values, this layer's index, first free slot), or (this layer's keys [B, K, S, D], values, None,
+        first free slot), or None."""
         c = self.c
         b, t, _ = x.shape
         x = constrain(x, (BATCH, LENGTH, EMBED))
@@ -112,10 +113,15 @@ class Attention(nnx.Module):
         if layer_cache is not None:
             # Write the new keys/values into this layer's slots of the stacked cache in place, then read the layer.
             keys, values, layer, start = layer_cache
-            keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), (layer, 0, 0, start, 0))
-            values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), (layer, 0, 0, start, 0))
-            k = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
+            if layer is None:  # this layer's own arrays [B, K, S, D]: updated and read in place
+                keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, start, 0))
+                values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, start, 0))
+                k, v = keys, values
+            else:  # the stacked arrays [L, B, K, S, D] carried through the layer scan
+                keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), (layer, 0, 0, start, 0))
+                values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), (layer, 0, 0, start, 0))
+                k = jax.lax.dynamic_index_in_dim(keys, layer, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(values, layer, keepdims=False)
             new_cache = (keys, values)
         else:
             new_cache = None
@@ -286,8 +292,24 @@ class Decoder(nnx.Module):
                                       (keys, values, i, cache.index), dtype)
             return (y, keys, values), None
 
+        if is_unstacked(cache):
+            return self._unrolled_layers(x, cos, sin, key_valid, q_slots, k_slots, cache)
         (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
         return x, (keys, values)
+
+    def _unrolled_layers(self, x, cos, sin, key_valid, q_slots, k_slots, cache: KVCache):
+        """The layers one after another (a Python loop, so one copy of the layer per layer in the program) over a
+        per-layer cache (:func:`~jaxalign.models.kv_cache.unstack`): each layer's cache is updated and read in
+        place. The sampler's decode step runs this way; it is forward-only, so the program grows by one layer's
+        forward per layer."""
+        graphdef, state = nnx.split(self.layers)
+        keys, values = list(cache.keys), list(cache.values)
+        for i in range(self.config.num_hidden_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
+            window = self.config.layer_sliding_window(i)
+            x, (keys[i], values[i]) = layer(x, cos, sin, key_valid, q_slots, k_slots, window,
+                                            (keys[i], values[i], None, cache.index), self.dtype)
+        return x, (tuple(keys), tuple(values))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states [B, (T,) hidden] to vocabulary logits in float32 (per batch shard under a

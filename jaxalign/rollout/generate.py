@@ -3,7 +3,8 @@
 ``generate`` splits the model once per call (``nnx.split``) and runs a jitted pure function
 that prefills the cache with the left-padded prompts in one forward, repeats the cache rows
 for ``num_return_sequences``, then samples token by token inside ``lax.while_loop`` until
-every row has produced a stop token or the budget is spent. The compiled function is cached
+every row has produced a stop token or the budget is spent. The prefill runs the scanned layers over
+the stacked cache; the decode step runs the layers unrolled over per-layer caches (read in place). The compiled function is cached
 per (model graph, mesh, sampling settings) and jit's own cache keys the shapes, so a repeat
 call with the same shapes neither retraces nor recompiles (see :func:`trace_count`).
 """
@@ -217,9 +218,15 @@ def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) ->
 def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     if mesh is None:
         return cache
+    if kv_cache.is_unstacked(cache):
+        keys = tuple(_constrain(k, kv_cache.LAYER_KV_AXES, mesh) for k in cache.keys)
+        values = tuple(_constrain(v, kv_cache.LAYER_KV_AXES, mesh) for v in cache.values)
+    else:
+        keys = _constrain(cache.keys, kv_cache.KV_AXES, mesh)
+        values = _constrain(cache.values, kv_cache.KV_AXES, mesh)
     return cache.replace(
-        keys=_constrain(cache.keys, kv_cache.KV_AXES, mesh),
-        values=_constrain(cache.values, kv_cache.KV_AXES, mesh),
+        keys=keys,
+        values=values,
         mask=_constrain(cache.mask, ("batch", "length"), mesh),
         lengths=_constrain(cache.lengths, ("batch",), mesh),
     )
@@ -250,7 +257,9 @@ def _sample(graphdef, s: _Settings, mesh, state, prompt_ids, prompt_mask, stops,
         )
         logits, stops = rep(logits), rep(stops)
         seen = None if seen is None else rep(seen)
-    cache = _constrain_cache(cache, mesh)
+    # Decode over per-layer caches with the layers unrolled: inside the layer scan each step would copy its
+    # layer out of the stacked cache before attending (measured ~30% of decode time at batch 64 on CPU).
+    cache = _constrain_cache(kv_cache.unstack(cache), mesh)
     r = b * n
     rows = jnp.arange(r)
 
