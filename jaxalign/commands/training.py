@@ -14,10 +14,11 @@ def register_training(sub, command: str, help_text: str) -> None:
 
 
 def run_training(command: str, args: argparse.Namespace) -> int:
+    from jaxalign.parallel.distributed import say
     from jaxalign.trainers.run import train
 
     cfg = resolve(command, load_config_file(args.config) if args.config else None, flags_from_namespace(args))
     trainer = train(cfg)
     what = f" of {cfg.rlhf_type}" if command == "rlhf" else ""
-    print(f"jaxalign: finished {trainer.total_steps} steps{what}; outputs in {cfg.output_dir}")
+    say(f"jaxalign: finished {trainer.total_steps} steps{what}; outputs in {cfg.output_dir}")
     return 0

@@ -20,7 +20,7 @@ from jaxalign.convert.checkpoint_io import (
 from jaxalign.convert.peft_io import ADAPTER_CONFIG, apply_adapter, read_adapter_config, save_adapter
 from jaxalign.convert.hf_load import load_hf_model
 from jaxalign.convert.hf_save import save_hf_model
-from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head, save_reward_model, save_value_head
+from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head, save_reward_model, value_head_writer
 from jaxalign.data.tokenizer import load_tokenizer_if_present
 from jaxalign.errors import CheckpointError
 from jaxalign.models.lora import merge_lora
@@ -83,7 +83,7 @@ def _write_adapted(model, output_dir, *, settings, base, tokenizer, merge: bool,
     dst = Path(output_dir)
     if (dst / ADAPTER_CONFIG).exists():
         raise CheckpointError(f"{dst}: already holds an adapter; choose a new --output_dir or remove the old one")
-    extra = (lambda staging: save_value_head(model.v_head, staging)) if reward else None
+    extra = value_head_writer(model.v_head) if reward else None
     out = save_adapter(model.backbone if reward else model, dst, settings=settings, base_model=base,
                        tokenizer=tokenizer, extra_files=extra)
     return out, f"exported {source} -> {out} (LoRA adapter; --merge_lora true writes the merged model)"

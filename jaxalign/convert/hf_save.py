@@ -15,16 +15,9 @@ from jaxalign.convert.safetensors_io import write_shards
 from jaxalign.convert.weight_map import weight_table
 from jaxalign.errors import CheckpointError
 from jaxalign.models.decoder import Decoder
+from jaxalign.parallel.distributed import host_array
 
 _HF_MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
-
-
-def _host_array(x: jax.Array) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def hf_tensors(model: Decoder):
@@ -34,7 +27,7 @@ def hf_tensors(model: Decoder):
         value = flat[e.path][...]
         if e.layer is not None:  # one layer of a stacked parameter, sliced on the devices before the gather
             value = value[e.layer]
-        arr = _host_array(value).astype(np.float32)
+        arr = host_array(value).astype(np.float32)
         yield e.hf_name, (arr.T if e.transpose else arr)
 
 

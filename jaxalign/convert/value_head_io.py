@@ -14,6 +14,7 @@ from jaxalign.convert.hf_load import load_hf_model
 from jaxalign.convert.hf_save import save_hf_model
 from jaxalign.errors import CheckpointError
 from jaxalign.models.value_head import RewardModel, ValueHead
+from jaxalign.parallel.distributed import host_array
 from jaxalign.parallel.rules import param_shardings
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -23,18 +24,25 @@ BIAS = "v_head.summary.bias"  # [1]
 
 def value_head_tensors(head: ValueHead) -> dict[str, np.ndarray]:
     """The head as TRL names it: weight [1, hidden] and bias [1], float32 numpy."""
-    kernel = np.asarray(jax.device_get(head.summary.kernel[...]), np.float32)
-    bias = np.asarray(jax.device_get(head.summary.bias[...]), np.float32)
+    kernel = host_array(head.summary.kernel[...]).astype(np.float32)  # every host calls: a collective when sharded
+    bias = host_array(head.summary.bias[...]).astype(np.float32)
     return {WEIGHT: np.ascontiguousarray(kernel.T), BIAS: bias.reshape(1)}
 
 
-def save_value_head(head: ValueHead, folder: str | Path) -> Path:
-    """Write ``folder/value_head.safetensors`` (metadata ``{"format": "pt"}``); returns its path."""
+def write_value_head_file(tensors: dict[str, np.ndarray], folder: str | Path) -> Path:
+    """Write the head's tensors to ``folder/value_head.safetensors`` atomically (metadata ``{"format": "pt"}``)."""
     dst = Path(folder) / VALUE_HEAD_FILE
     tmp = dst.with_name(dst.name + ".tmp")
-    save_file(value_head_tensors(head), str(tmp), metadata={"format": "pt"})
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(dst)
     return dst
+
+
+def value_head_writer(head: ValueHead):
+    """Gather the head now (every host must call this: a collective when it is sharded) and return
+    ``write(folder)``, which a single writer calls as a save's ``extra_files``."""
+    tensors = value_head_tensors(head)
+    return lambda folder: write_value_head_file(tensors, folder)
 
 
 def load_value_head(folder: str | Path, hidden: int) -> ValueHead:
@@ -80,4 +88,4 @@ def load_reward_model(path: str | Path, *, dtype: str = "float32", mesh=None) ->
 def save_reward_model(model: RewardModel, path: str | Path, *, tokenizer=None, overwrite: bool = False, **kw) -> Path:
     """The backbone as a Hugging Face folder with ``value_head.safetensors`` beside it (one atomic write)."""
     return save_hf_model(model.backbone, path, tokenizer=tokenizer, overwrite=overwrite,
-                         extra_files=lambda staging: save_value_head(model.v_head, staging), **kw)
+                         extra_files=value_head_writer(model.v_head), **kw)

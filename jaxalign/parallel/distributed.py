@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 _MULTI_HOST_HINTS = ("JAX_COORDINATOR_ADDRESS",)
 
@@ -46,3 +48,25 @@ def initialize_distributed() -> bool:
     jax.distributed.initialize(**kwargs)
     _initialized = True
     return True
+
+
+def host_array(x) -> np.ndarray:
+    """The whole of ``x`` as a numpy array on this host, also when ``x`` spans devices of other hosts (each host
+    then contributes its shards: a collective, so every host must call it). Fully addressable arrays, fully
+    replicated ones and numpy values are read locally."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def put_key(key: jax.Array, sharding) -> jax.Array:
+    """A typed PRNG key placed with ``sharding``, also on a mesh spanning several hosts: its raw data goes
+    through the host (``jax.device_put`` refuses an array committed to this host's device there)."""
+    data = jax.device_put(np.asarray(jax.random.key_data(key)), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(key))
+
+
+def say(message: str) -> None:
+    """Print a status line on process 0 only (every host runs the same command; one copy is enough)."""
+    if jax.process_index() == 0:
+        print(message, flush=True)

@@ -26,6 +26,7 @@ from jaxalign.errors import ShardingError
 from jaxalign.models import kv_cache
 from jaxalign.models.kv_cache import KVCache, init_cache
 from jaxalign.parallel.activations import mesh_context
+from jaxalign.parallel.distributed import put_key
 from jaxalign.parallel.rules import batch_sharding, logical_to_spec, param_shardings
 from jaxalign.rollout.sampling import process_logits, select_tokens, token_logps
 
@@ -136,7 +137,7 @@ def generate(
     if mesh is not None:
         state = jax.device_put(state, param_shardings(state, mesh))
         prompt_ids, prompt_mask, stops = jax.device_put((prompt_ids, prompt_mask, stops), batch_sharding(mesh))
-        rng = jax.device_put(rng, NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        rng = put_key(rng, NamedSharding(mesh, jax.sharding.PartitionSpec()))
     with mesh_context(mesh):  # the model's activations sharded over the rows (parallel.activations)
         return fn(state, prompt_ids, prompt_mask, stops, rng)
 

@@ -21,6 +21,7 @@ from jaxalign.convert import load_any_model, save_hf_model
 from jaxalign.data.batching import stack_micro_batches
 from jaxalign.data.tokenizer import stop_token_ids
 from jaxalign.errors import ConfigError
+from jaxalign.parallel.distributed import host_array
 from jaxalign.rollout import generate
 from jaxalign.trainers.tuner import export_adapter, lora_reference
 
@@ -153,7 +154,7 @@ class RolloutAlgorithm(AlgorithmBase):
         rng = jax.random.fold_in(self.rng, self.generation)
         self.generation += 1
         roll = generate(trainer.policy(), prompt_ids, prompt_mask, rng=rng, **self.sampling(trainer, n, greedy))
-        return {name: np.array(getattr(roll, name)) for name in ("tokens", "logps", "mask", "lengths", "finished")}
+        return {name: host_array(getattr(roll, name)) for name in ("tokens", "logps", "mask", "lengths", "finished")}
 
     def sampling(self, trainer, n: int = 1, greedy: bool = False) -> dict:
         """The sampler's settings for ``n`` completions per prompt (``jaxalign plan`` compiles with them too)."""

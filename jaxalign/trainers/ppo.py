@@ -21,11 +21,12 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.convert import load_any_model, save_hf_model
-from jaxalign.convert.value_head_io import load_reward_model, save_reward_model, save_value_head
+from jaxalign.convert.value_head_io import load_reward_model, save_reward_model, value_head_writer
 from jaxalign.data.collate import collate_prompt
 from jaxalign.errors import ConfigError
 from jaxalign.models.decoder import set_attn_impl
 from jaxalign.parallel.activations import mesh_context
+from jaxalign.parallel.distributed import host_array
 from jaxalign.trainers.algorithm import RolloutAlgorithm
 from jaxalign.trainers.tuner import export_adapter
 from jaxalign.trainers.ppo_step import PolicyAndValue, PPOUpdate, advantages_and_returns, rollout_forward
@@ -132,7 +133,7 @@ class PPO(RolloutAlgorithm):
             export_adapter(self, trainer, models.policy, trainer.out, base_model=cfg.model)
             export_adapter(self, trainer, models.value.backbone, trainer.out / "value_model",
                            base_model=cfg.value_model or cfg.reward_model,
-                           extra_files=lambda staging: save_value_head(models.value.v_head, staging))
+                           extra_files=value_head_writer(models.value.v_head))
             return
         save_hf_model(models.policy, trainer.out, tokenizer=trainer.tokenizer, overwrite=True)
         save_reward_model(models.value, trainer.out / "value_model", tokenizer=trainer.tokenizer, overwrite=True)
@@ -188,8 +189,7 @@ class PPO(RolloutAlgorithm):
                 a, m = np.concatenate([a, np.repeat(a[-1:], pad, 0)]), np.concatenate([m, np.repeat(m[-1:], pad, 0)])
             with mesh_context(trainer.mesh):
                 o = self.rollout_forward_fn(trainer.state.params, self.ref_params_frozen, self.rm_params, a, m, p)
-            o = jax.device_get(o)
-            outs.append([np.asarray(x)[: ids[sl].shape[0]] for x in o])
+            outs.append([host_array(x)[: ids[sl].shape[0]] for x in o])
         logps, ref_logps, values, scores = (np.concatenate([o[k] for o in outs]) for k in range(4))
         rmask = roll["mask"].astype(np.float32)
         if cfg.missing_eos_penalty is not None:
@@ -238,7 +238,7 @@ class PPO(RolloutAlgorithm):
         ids = np.concatenate([batch["prompt_input_ids"], roll["tokens"]], axis=1).astype(np.int32)
         attn = np.concatenate([batch["prompt_attention_mask"], roll["mask"]], axis=1).astype(np.int32)
         with mesh_context(trainer.mesh):
-            scores = np.asarray(self.score_fn(self.rm_params, ids, attn))[:n]
+            scores = host_array(self.score_fn(self.rm_params, ids, attn))[:n]
         rows_out = []
         for i in range(n):
             rows_out.append(json.dumps({

@@ -17,7 +17,7 @@ from jaxalign.convert.value_head_io import (
     load_value_head,
     place_on_mesh,
     save_reward_model,
-    save_value_head,
+    value_head_writer,
 )
 from jaxalign.losses.reward import reward_loss
 from jaxalign.models.value_head import RewardModel, new_reward_model
@@ -84,6 +84,6 @@ class RewardModelling(OfflineAlgorithm):
         model = trainer.model()
         if self.lora is not None:
             export_adapter(self, trainer, model.backbone, trainer.out, base_model=self.cfg.model,
-                           extra_files=lambda staging: save_value_head(model.v_head, staging))
+                           extra_files=value_head_writer(model.v_head))
             return
         save_reward_model(model, trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)

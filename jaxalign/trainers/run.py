@@ -12,6 +12,7 @@ from jaxalign.data import prepare_data
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.parallel import initialize_distributed, run_mesh
+from jaxalign.parallel.distributed import say
 from jaxalign.trainers.checkpoint import list_checkpoints, resolve_resume
 from jaxalign.trainers.trainer import Trainer
 from jaxalign.trainers.tuner import apply_tuner
@@ -25,7 +26,7 @@ def load_data(cfg, task: str, tokenizer, *, quiet: bool = False):
         truncation_strategy=cfg.truncation_strategy, loss_scale=cfg.loss_scale, ignore_bad_rows=cfg.ignore_bad_rows,
     )
     if not quiet:
-        print("jaxalign: data " + json.dumps(data.stats))
+        say("jaxalign: data " + json.dumps(data.stats))
     if not data.train:
         raise DataError(f"--dataset {cfg.dataset}: {_why_no_rows(data.stats, cfg.max_length)}")
     return data
@@ -68,6 +69,7 @@ def build_trainer(cfg, algorithm=None, *, quiet: bool = False) -> Trainer:
     """Mesh, tokenizer, data and models as ``cfg`` says (the algorithm from the registry unless given),
     wrapped in a ready Trainer. Data comes before the model: a bad row is reported before a (possibly
     large) model is loaded."""
+    initialize_distributed()  # first: JAX refuses to join the hosts once anything has touched a backend
     if not cfg.model and cfg.get("adapters"):  # as ms-swift: the adapter's config names its base
         from jaxalign.convert.peft_io import read_adapter_config
 
@@ -75,7 +77,6 @@ def build_trainer(cfg, algorithm=None, *, quiet: bool = False) -> Trainer:
     check_required_inputs(cfg)
     algorithm = algorithm or make_algorithm(cfg)
     check_output_dir(cfg)
-    initialize_distributed()
     mesh, tokenizer = run_mesh(cfg.mesh), load_tokenizer(cfg.model)
     data = load_data(cfg, algorithm.name, tokenizer, quiet=quiet)
     model = load_any_model(cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
