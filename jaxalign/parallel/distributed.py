@@ -51,12 +51,12 @@ def initialize_distributed() -> bool:
 
 
 def host_array(x) -> np.ndarray:
-    """The whole of ``x`` as a numpy array on this host, also when ``x`` spans devices of other hosts (each host
-    then contributes its shards: a collective, so every host must call it). Fully addressable arrays, fully
-    replicated ones and numpy values are read locally."""
+    """The whole of ``x`` as a (writable) numpy array on this host, also when ``x`` spans devices of other hosts
+    (each host then contributes its shards: a collective, so every host must call it). Fully addressable
+    arrays, fully replicated ones and numpy values are read locally."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
+        return np.array(multihost_utils.process_allgather(x, tiled=True))
+    return np.array(x)
 
 
 def put_key(key: jax.Array, sharding) -> jax.Array:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxalign.algorithms import spec_of
 from jaxalign.convert import load_any_model, save_hf_model
-from jaxalign.data.batching import stack_micro_batches
+from jaxalign.data.batching import make_buckets, stack_micro_batches
 from jaxalign.data.tokenizer import stop_token_ids
 from jaxalign.errors import ConfigError
 from jaxalign.parallel.distributed import host_array
@@ -136,6 +136,15 @@ class OfflineAlgorithm(AlgorithmBase):
         pass
 
 
+COMPLETION_BUCKET_MIN = 16
+
+
+def completion_buckets(max_completion_length: int) -> list[int]:
+    """Completion widths a rollout is cut to: powers of two from 16 below the budget, then the budget
+    (64 -> 16, 32, 64; 5 -> 5)."""
+    return make_buckets(max_completion_length, min_length=min(COMPLETION_BUCKET_MIN, max_completion_length))
+
+
 class RolloutAlgorithm(AlgorithmBase):
     """Learns from completions the policy samples: one sampler call per generation, each with its own
     random draw (``--seed`` and the generation count, which checkpoints carry)."""
@@ -155,6 +164,14 @@ class RolloutAlgorithm(AlgorithmBase):
         self.generation += 1
         roll = generate(trainer.policy(), prompt_ids, prompt_mask, rng=rng, **self.sampling(trainer, n, greedy))
         return {name: host_array(getattr(roll, name)) for name in ("tokens", "logps", "mask", "lengths", "finished")}
+
+    def cut_completions(self, roll: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rollout cut to the smallest completion bucket (:func:`completion_buckets`) holding its longest
+        completion: scoring, log-probs and the update then run over that width, not the whole
+        ``--max_completion_length`` budget. Dropped columns hold only padding (mask 0), so every loss is
+        unchanged; each bucket compiles once."""
+        width = next(b for b in completion_buckets(self.cfg.max_completion_length) if b >= roll["lengths"].max())
+        return {k: v[:, :width] if v.ndim == 2 else v for k, v in roll.items()}
 
     def sampling(self, trainer, n: int = 1, greedy: bool = False) -> dict:
         """The sampler's settings for ``n`` completions per prompt (``jaxalign plan`` compiles with them too)."""

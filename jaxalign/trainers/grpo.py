@@ -2,9 +2,10 @@
 
 Each generation: take prompts, sample ``num_generations`` completions per prompt with the
 sampler (one compiled call), score them with the reward functions on the host, compute
-group advantages, and take ``num_iterations`` passes over the generation in micro-batches,
-``gradient_accumulation_steps`` micro-batches per optimizer step. Every shape is fixed by
-(prompt bucket, max_completion_length), so nothing recompiles from one step to the next.
+group advantages, cut the completions to the bucket of the longest one, and take ``num_iterations``
+passes over the generation in micro-batches, ``gradient_accumulation_steps`` micro-batches per optimizer
+step. Every shape is fixed by (prompt bucket, completion bucket), so the update compiles at most once per
+pair.
 """
 
 from __future__ import annotations
@@ -197,6 +198,7 @@ class GRPO(RolloutAlgorithm):
                     prompt_batch["extras"][dst] = extra_batch["extras"][src]
                 groups = total.reshape(-1, self.G)
         gen_time = time.time() - t0
+        roll = self.cut_completions(roll)
         adv = np.asarray(group_advantages(jnp.asarray(total), num_generations=self.G, scale_rewards=cfg.scale_rewards))
         arrays = update_arrays(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"], roll, adv,
                                num_generations=self.G, overlong_filter=cfg.overlong_filter)
