@@ -158,7 +158,9 @@ def _fresh_hf_dict(c: ModelConfig) -> dict[str, Any]:
     if c.model_type in GEMMA_MODEL_TYPES:
         d.update(attention_bias=c.attention_bias)
     if c.model_type in ("gemma2", "gemma3_text"):
-        d.update(hidden_activation=c.hidden_act, query_pre_attn_scalar=c.query_pre_attn_scalar,
+        scalar = c.query_pre_attn_scalar
+        d.update(hidden_activation=c.hidden_act,
+                 query_pre_attn_scalar=int(scalar) if scalar is not None and float(scalar).is_integer() else scalar,
                  attn_logit_softcapping=c.attn_logit_softcapping, final_logit_softcapping=c.final_logit_softcapping,
                  sliding_window=c.sliding_window,
                  layer_types=list(c.layer_types or ("full_attention",) * c.num_hidden_layers))
