@@ -58,7 +58,7 @@ class ChatRenderer:
         self.chat_template: str | None = (
             PLAIN_TEMPLATE if self.uses_plain else GEMMA_TEMPLATE if self.uses_gemma else None
         )
-        if template is None and not own:
+        if template is None and self.uses_plain:
             _notice_plain_fallback(tokenizer)
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, where: str = "") -> str:
