@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from helpers import (
-    SHARP, cached_forward, config, forward, hf_row_logits, make_hf_model, max_diff_real, padded_batch,
+    BASE, FAMILIES, SHARP, cached_forward, config, forward, hf_row_logits, make_hf_model, max_diff_real, padded_batch,
     rewrite_config, write_jsonl,
 )
 from jaxalign.convert import load_hf_model
@@ -369,3 +369,34 @@ def test_all_linear_lora_equals_peft_and_merged_export(folders, family, tmp_path
             continue  # tied
         np.testing.assert_allclose(merged[name], value, atol=1e-5, rtol=0, err_msg=name)
     assert json.loads((out / "config.json").read_text())["model_type"] == hf_from(folder).config.model_type
+
+
+# ----- reward models: *ForSequenceClassification both ways ----------------------------------------------
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_seq_cls_reward_model_scores_equal_transformers(family, tmp_path):
+    """transformers' Gemma*ForSequenceClassification read as a reward model scores as transformers does (its
+    score head sees the final norm's output; no final soft-cap applies), and converts back to the same layout."""
+    from jaxalign.convert import load_reward_model
+    from jaxalign.convert.seq_cls import convert_reward_model, load_seq_cls_reward_model
+
+    cls_name, extra = FAMILIES[family]
+    cfg = getattr(transformers, cls_name)(**{**BASE, **extra, **SHARP, "num_labels": 1})
+    torch.manual_seed(4)
+    hf = transformers.AutoModelForSequenceClassification.from_config(cfg, dtype=torch.float32).eval()
+    hf.save_pretrained(str(tmp_path / "rm"), safe_serialization=True)
+    ids, mask = padded_batch((9, 5), 9, "right")
+    ids = np.where(mask > 0, ids, 0).astype(np.int32)  # transformers finds the last token by the pad id (0)
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits[:, 0]
+    np.testing.assert_allclose(np.asarray(load_seq_cls_reward_model(tmp_path / "rm").scores(ids, mask)),
+                               theirs.numpy(), atol=1e-4)
+    convert_reward_model(tmp_path / "rm", tmp_path / "vh")
+    np.testing.assert_allclose(np.asarray(load_reward_model(tmp_path / "vh").scores(ids, mask)), theirs.numpy(),
+                               atol=1e-4)
+    convert_reward_model(tmp_path / "vh", tmp_path / "back")
+    back = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "back"),
+                                                                           dtype=torch.float32).eval()
+    assert type(back).__name__ == type(hf).__name__
+    with torch.no_grad():
+        again = back(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits[:, 0]
+    np.testing.assert_allclose(again.numpy(), theirs.numpy(), atol=1e-6)
