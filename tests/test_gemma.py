@@ -400,3 +400,24 @@ def test_seq_cls_reward_model_scores_equal_transformers(family, tmp_path):
     with torch.no_grad():
         again = back(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits[:, 0]
     np.testing.assert_allclose(again.numpy(), theirs.numpy(), atol=1e-6)
+
+
+# ----- infer: Gemma's turns by default, stopping at <end_of_turn> ---------------------------------------------
+def test_infer_renders_gemma_turns_and_stops_at_end_of_turn(tmp_path, capsys):
+    """The tokenizer has no chat template, so infer renders Gemma's turns; greedy decoding equals transformers'
+    generate with <eos> and <end_of_turn> as stop ids, and (for this seed) stops on <end_of_turn>."""
+    from jaxalign.cli import main
+
+    tok = gemma_char_tokenizer()
+    hf = gemma_dir(tmp_path / "g", family="gemma2", seed=30, tok=tok)
+    end = tok.convert_tokens_to_ids(END)
+    text = f"{START}user\nhi{END}\n{START}model\n"
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        ref = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                          pad_token_id=tok.pad_token_id, eos_token_id=[tok.eos_token_id, end])[0, ids.shape[1]:].tolist()
+    assert ref[-1] == end and len(ref) < 8  # this seed's model ends its turn early
+    assert main(["infer", "--model", str(tmp_path / "g"), "--prompt", "hi", "--max_new_tokens", "8"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["prompt"] == text
+    assert row["response_token_ids"] == ref and row["finish_reason"] == "stop"
