@@ -72,7 +72,7 @@ SWITCHES = {
     "gemma3_global_rope_scaling": ("gemma3", dict(rope_parameters={
         "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
         "full_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
-    "gemma_hidden_size_embed_scale": ("gemma", dict(hidden_act="gelu")),  # exact gelu: HF reads it as tanh
+    "gemma_legacy_gelu_is_tanh": ("gemma", dict(hidden_act="gelu")),  # exact gelu: HF reads it as tanh
 }
 
 
@@ -87,7 +87,7 @@ def test_each_switch_moves_transformers_and_we_follow(folders, case, tmp_path):
     ids, mask = padded_batch(LENGTHS, WIDTH, "left")
     ref, ref2 = hf_row_logits(hf, ids, mask), hf_row_logits(hf2, ids, mask)
     moved = max(float(np.abs(a - b).max()) for a, b in zip(ref, ref2))
-    if case == "gemma_hidden_size_embed_scale":
+    if case == "gemma_legacy_gelu_is_tanh":
         # Gemma's legacy "gelu" means the tanh approximation in transformers: nothing moves, for us neither.
         assert moved == 0.0
     else:
@@ -421,3 +421,37 @@ def test_infer_renders_gemma_turns_and_stops_at_end_of_turn(tmp_path, capsys):
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["prompt"] == text
     assert row["response_token_ids"] == ref and row["finish_reason"] == "stop"
+
+
+# ----- gradients: remat and the chunked attention's backward through the soft cap, in the whole model --------
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gradients_equal_across_remat_and_attention_impls(folders, family):
+    """The parameter gradient of a weighted sum of the logits is the same with the layers rematerialised and with
+    ``chunked`` attention in small tiles (its custom backward, through Gemma 2's attention soft cap) as with plain
+    ``xla`` attention and no remat."""
+    from flax import nnx
+
+    from jaxalign.models import attention
+    from jaxalign.models.decoder import set_attn_impl, set_remat
+
+    ids, mask = padded_batch(LENGTHS, WIDTH, "left")
+    weight = np.random.default_rng(0).normal(size=(len(LENGTHS), WIDTH, 1)).astype(np.float32) * mask[..., None]
+
+    def grads(impl, remat):
+        model = load_hf_model(folders(family)[1])
+        set_attn_impl(model, impl)
+        set_remat(model, remat)
+        graphdef, state = nnx.split(model)
+        loss = lambda s: jnp.sum(nnx.merge(graphdef, s)(jnp.asarray(ids), jnp.asarray(mask)) * weight)  # noqa: E731
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(state))
+
+    old = (attention.BLOCK_Q, attention.BLOCK_K)
+    attention.BLOCK_Q, attention.BLOCK_K = 4, 8  # several tiles, some skipped by the window
+    try:
+        got = grads("chunked", True)
+    finally:
+        attention.BLOCK_Q, attention.BLOCK_K = old
+    want = grads("xla", False)
+    assert max(float(np.abs(np.asarray(w)).max()) for w in want) > 1e-2
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
