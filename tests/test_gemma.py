@@ -455,3 +455,22 @@ def test_gradients_equal_across_remat_and_attention_impls(folders, family):
     assert max(float(np.abs(np.asarray(w)).max()) for w in want) > 1e-2
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+# ----- on a mesh ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_sharded_forward_equals_transformers(family, tmp_path):
+    """Loaded onto a data=2, fsdp=2, tensor=2 mesh of the 8 simulated devices (every dimension splits), the
+    logits of a left-padded batch equal transformers'."""
+    from helpers import SHARDABLE
+    from jaxalign.parallel import batch_sharding, make_mesh
+
+    hf = make_hf_model(family, **SHARP, **SHARDABLE)
+    hf.save_pretrained(str(tmp_path), safe_serialization=True)
+    mesh = make_mesh("data=2,fsdp=2,tensor=2", devices=jax.devices()[:8])
+    model = load_hf_model(tmp_path, mesh=mesh)
+    assert len(model.layers.pre_feedforward_layernorm.scale[...].sharding.device_set) == 8
+    ids, mask = padded_batch((10, 7, 3, 10, 1, 5, 8, 2), 10, "left", vocab=128)
+    batch = batch_sharding(mesh)
+    logits = forward(model, jax.device_put(jnp.asarray(ids), batch), jax.device_put(jnp.asarray(mask), batch))
+    assert max_diff_real(np.asarray(logits), hf_row_logits(hf, ids, mask), mask) <= TOL
