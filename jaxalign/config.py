@@ -42,7 +42,8 @@ OPTIONS: dict[str, Option] = {
         None, str, "what to do with longer rows (default: delete; left for prompt-only GRPO/PPO data)",
         (None, "delete", "left", "right"),
     ),
-    "template": Option(None, str, "chat template: the tokenizer's own (default) or 'plain'", (None, "plain")),
+    "template": Option(None, str, "chat template: the tokenizer's own (default; Gemma's when a Gemma model's "
+                       "tokenizer has none), 'plain' or 'gemma'", (None, "plain", "gemma")),
     "loss_scale": Option(
         "last_round", str, "trained tokens: the last reply, every reply (default) or every token (all)",
         ("last_round", "default", "all"),

@@ -316,7 +316,8 @@ BASE = dict(
     eos_token_id=2,
 )
 
-# name -> (config class name, overrides). Covers GQA, tied/untied, qkv bias, q/k norm, llama3 rope.
+# name -> (config class name, overrides). Covers GQA, tied/untied, qkv bias, q/k norm, llama3 rope, and the
+# three Gemma families.
 FAMILIES = {
     "llama": ("LlamaConfig", dict(tie_word_embeddings=False)),
     "llama3_rope_tied": (
@@ -331,6 +332,17 @@ FAMILIES = {
     "mistral": ("MistralConfig", dict(tie_word_embeddings=False, sliding_window=None)),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3": ("Qwen3Config", dict(tie_word_embeddings=False, head_dim=16, num_attention_heads=4)),
+    # Gemma: head_dim (16) apart from hidden / heads (8), GeGLU, tied, (1 + w) norms, sqrt(hidden) embeddings.
+    "gemma": ("GemmaConfig", dict(head_dim=16, hidden_act="gelu_pytorch_tanh")),
+    # Gemma 2: small soft caps that bite at SHARP's scale, a query_pre_attn_scalar unlike head_dim, layer 0
+    # sliding (window 4) and layer 1 global, sandwich norms.
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                                    final_logit_softcapping=3.0, sliding_window=4)),
+    # Gemma 3 text: q/k norm, sliding layer 0 with its own (tiny) RoPE base, global layer 1 with linear scaling.
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+                         "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}})),
 }
 
 

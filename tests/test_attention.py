@@ -32,9 +32,10 @@ from jaxalign.models.kv_cache import init_cache
 TOL = 1e-5
 
 
-def reference(q, k, v, key_valid, q_slots, k_slots, window):
+def reference(q, k, v, key_valid, q_slots, k_slots, window, scale=None, softcap=None):
     """softmax(q k^T / sqrt(D) over the allowed keys) v in float64, per row and head; NaN for a query with
-    no allowed key (its output is unspecified, only finite)."""
+    no allowed key (its output is unspecified, only finite). ``scale`` replaces 1/sqrt(D); ``softcap`` maps
+    the scaled scores s to softcap * tanh(s / softcap) (Gemma 2)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     b, t, n, d = q.shape
     groups = n // k.shape[1]
@@ -49,7 +50,9 @@ def reference(q, k, v, key_valid, q_slots, k_slots, window):
             for i in range(t):
                 if not allowed[i].any():
                     continue
-                s = k[row, kv][allowed[i]] @ q[row, i, head] / np.sqrt(d)
+                s = k[row, kv][allowed[i]] @ q[row, i, head] * (1 / np.sqrt(d) if scale is None else scale)
+                if softcap is not None:
+                    s = softcap * np.tanh(s / softcap)
                 p = np.exp(s - s.max())
                 out[row, i, head] = (p / p.sum()) @ v[row, kv][allowed[i]]
     return out
@@ -125,6 +128,93 @@ def test_kv_cache_prefill_and_decode(impl, window):
     one = q[:, :1]  # a decode step: one query in slot 26
     check(run(IMPLS[impl], one, k, v, valid, q_slots[-1:], k_slots, window),
           reference(one, k, v, valid, q_slots[-1:], k_slots, window))
+
+
+# ----- soft-capping (Gemma 2) and a scale other than 1/sqrt(D) -------------------------------------------------
+# The inputs' scores reach ~+-10 at this scale, so a cap of 2 changes every softmax a lot.
+SCALE, CAP = 1.7, 2.0
+SOFTCAP_IMPLS = {
+    "xla": lambda *a, sliding_window=None: attend(*a, sliding_window=sliding_window, impl="xla", scale=SCALE,
+                                                  softcap=CAP),
+    "chunked": lambda *a, sliding_window=None: attend(*a, sliding_window=sliding_window, impl="chunked",
+                                                      scale=SCALE, softcap=CAP),
+    "chunked_tiles": lambda *a, sliding_window=None: chunked(*a, sliding_window, block_q=8, block_k=16, scale=SCALE,
+                                                             softcap=CAP),
+}
+
+
+@pytest.mark.parametrize("impl", list(SOFTCAP_IMPLS))
+@pytest.mark.parametrize("window", [None, 5])
+def test_softcap_equals_float64_reference(impl, window):
+    q, k, v, valid = inputs()
+    slots = np.arange(q.shape[1])
+    out = run(SOFTCAP_IMPLS[impl], q, k, v, valid, slots, slots, window)
+    check(out, reference(q, k, v, valid, slots, slots, window, scale=SCALE, softcap=CAP))
+    # the cap matters: without it the outputs are far apart
+    uncapped = reference(q, k, v, valid, slots, slots, window, scale=SCALE)
+    real = ~np.isnan(uncapped)
+    assert np.abs(np.asarray(out)[real] - uncapped[real]).max() > 0.1
+
+
+@pytest.mark.parametrize("impl", list(SOFTCAP_IMPLS))
+def test_softcap_kv_cache_prefill_and_decode(impl):
+    q, k, v, valid = inputs(t=7, s=40, pads=(0, 3, 22))
+    valid[:, 27:] = 0
+    q_slots, k_slots = 20 + np.arange(7), np.arange(40)
+    check(run(SOFTCAP_IMPLS[impl], q, k, v, valid, q_slots, k_slots, 4),
+          reference(q, k, v, valid, q_slots, k_slots, 4, scale=SCALE, softcap=CAP))
+    one = q[:, :1]
+    check(run(SOFTCAP_IMPLS[impl], one, k, v, valid, q_slots[-1:], k_slots, 4),
+          reference(one, k, v, valid, q_slots[-1:], k_slots, 4, scale=SCALE, softcap=CAP))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "chunked_tiles"])
+def test_softcap_chunked_gradients_equal_float64_autodiff(impl):
+    """chunked's custom backward (through d(cap tanh(s/cap))/ds = 1 - tanh^2) against jax's autodiff of the
+    plain full-score formula in float64."""
+    q, k, v, valid = inputs(pads=(0, 5, 30))
+    slots = np.arange(q.shape[1])
+    weight = np.random.default_rng(3).normal(size=q.shape).astype(np.float32) * valid[:, :, None, None]
+    got = jax.jit(jax.grad(lambda q, k, v: jnp.sum(SOFTCAP_IMPLS[impl](q, k, v, valid, slots, slots,
+                                                                       sliding_window=5) * weight), (0, 1, 2)))(q, k, v)
+    with jax.enable_x64(True):
+        def ref_attn(q, k, v):
+            b, t, n, d = q.shape
+            kvh = k.shape[1]
+            qg = q.reshape(b, t, kvh, n // kvh, d)
+            s = jnp.einsum("btkgd,bksd->bkgts", qg, k) * SCALE
+            s = CAP * jnp.tanh(s / CAP)
+            allowed = (slots[None, :] <= slots[:, None]) & ((slots[:, None] - slots[None, :]) < 5)
+            allowed = allowed[None] & (valid[:, None, :] > 0)
+            s = jnp.where(allowed[:, None, None], s, -1e30)  # rows with no key: weight 0 below
+            out = jnp.einsum("bkgts,bksd->btkgd", jax.nn.softmax(s, axis=-1), v)
+            return out.reshape(b, t, n, d)
+
+        ref = jax.grad(lambda q, k, v: jnp.sum(ref_attn(q, k, v) * weight), (0, 1, 2))(
+            *(jnp.asarray(x, jnp.float64) for x in (q, k, v)))
+        ref = [np.asarray(r) for r in ref]
+    for a, b in zip(got, ref):
+        np.testing.assert_allclose(np.asarray(a), b, rtol=0, atol=TOL)
+
+
+def test_softcap_splash_in_the_pallas_interpreter():
+    """splash passes the cap to the kernel (attn_logits_soft_cap) and scales q by ``scale`` itself."""
+    q, k, v, valid = inputs(b=1, t=128, pads=(0,))
+    slots = np.arange(128)
+    out = jax.jit(lambda q, k, v: attention.splash(q, k, v, valid, 17, interpret=True, scale=SCALE, softcap=CAP))(
+        q, k, v)
+    check(out, reference(q, k, v, valid, slots, slots, 17, scale=SCALE, softcap=CAP))
+
+
+def test_cudnn_with_softcap_runs_chunked():
+    """cuDNN attention cannot soft-cap: ``cudnn`` (and ``auto`` on a GPU) take ``chunked`` when a cap is set."""
+    q, k, v, valid = inputs(t=16, pads=(0, 3, 8))
+    q, k, v = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+    slots = np.arange(16)
+    got = jax.jit(lambda q, k, v: attend(q, k, v, valid, slots, slots, impl="cudnn", scale=SCALE, softcap=CAP))(q, k, v)
+    want = jax.jit(lambda q, k, v: attend(q, k, v, valid, slots, slots, impl="chunked", scale=SCALE,
+                                          softcap=CAP))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_row_with_no_allowed_key_is_finite():

@@ -28,6 +28,9 @@ CASES.update(
         "mistral_sliding_window": ("mistral", dict(sliding_window=4)),
         # Qwen2 layer 0 full attention, layer 1 sliding (max_window_layers decides per layer).
         "qwen2_mixed_sliding": ("qwen2", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+        "gemma_attention_bias": ("gemma", dict(attention_bias=True)),  # all four projections
+        "gemma2_untied_no_caps": ("gemma2", dict(tie_word_embeddings=False, attn_logit_softcapping=None,
+                                                 final_logit_softcapping=None)),
     }
 )
 LENGTHS, WIDTH = (12, 9, 4), 12  # mixed lengths; 12 > the sliding window of 4

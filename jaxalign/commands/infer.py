@@ -39,8 +39,9 @@ def register(sub) -> None:
     p.add_argument("--repetition_penalty", type=float, default=None, help="Hugging Face's rule (1.0 = off)")
     p.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (default 8)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (default 42)")
-    p.add_argument("--template", choices=("default", "plain"), default="default",
-                   help="chat template: the tokenizer's own (default) or a plain 'role: text' fallback")
+    p.add_argument("--template", choices=("default", "plain", "gemma"), default="default",
+                   help="chat template: the tokenizer's own (default; Gemma's turns for a Gemma model whose "
+                        "tokenizer has none), a plain 'role: text' fallback, or Gemma's turns")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     p.add_argument("--attn_impl", choices=("auto", "xla", "chunked", "cudnn", "splash"), default="auto",
                    help="attention implementation (default auto: by platform and length; see the README)")
@@ -96,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
     _check_sampling(sampling)
     stops = list(stop_token_ids(tokenizer, config))
     pad_id = next(x for x in (tokenizer.pad_token_id, config.pad_token_id, 0) if x is not None)
-    renderer = ChatRenderer(tokenizer, None if args.template == "default" else args.template)
+    renderer = ChatRenderer(tokenizer, None if args.template == "default" else args.template,
+                            model_type=config.model_type)
     encoded = []
     for messages, where in conversations:
         text = renderer.render(messages, add_generation_prompt=True, where=where)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -142,6 +143,18 @@ def restore_params(path: Path, params: nnx.State, mesh=None) -> dict:
 
     jax.tree_util.tree_map_with_path(collect, restored)
     return pure
+
+
+def read_model_type(path: str | Path) -> str | None:
+    """The model_type of a Hugging Face folder or a jaxalign checkpoint (None when neither says; the model
+    load reports what is wrong), read without loading weights: it picks the chat template."""
+    p = Path(path)
+    try:
+        if is_checkpoint(p):
+            return (read_meta(p).get("model_config") or {}).get("model_type")
+        return json.loads((p / "config.json").read_text()).get("model_type")
+    except Exception:  # unreadable: the model load that follows says why
+        return None
 
 
 def load_any_model(path: str | Path, *, dtype: str = "float32", mesh=None):

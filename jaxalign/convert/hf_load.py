@@ -84,7 +84,7 @@ def abstract_model(config: ModelConfig, dtype="float32") -> Decoder:
 
 
 def load_hf_model(path: str | Path, *, dtype: str = "float32", mesh: Mesh | None = None, rules=None) -> Decoder:
-    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3 folder as a jaxalign Decoder.
+    """Load a Hugging Face Llama/Mistral/Qwen2/Qwen3/Gemma/Gemma 2/Gemma 3 (text) folder as a jaxalign Decoder.
 
     Tensors are read one at a time from memory-mapped safetensors and placed straight onto
     their sharding when ``mesh`` is given. Parameters are float32; ``dtype`` is the compute dtype.

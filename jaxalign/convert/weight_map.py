@@ -43,7 +43,10 @@ def weight_table(c: ModelConfig) -> list[WeightEntry]:
             t.append(WeightEntry(f"{hf}.mlp.{proj}.weight", (*ours, "mlp", proj, "kernel"), True, i))
             if c.mlp_bias:
                 t.append(WeightEntry(f"{hf}.mlp.{proj}.bias", (*ours, "mlp", proj, "bias"), False, i))
-        for norm in ("input_layernorm", "post_attention_layernorm"):
+        norms = ("input_layernorm", "post_attention_layernorm")
+        if c.sandwich_norms:  # Gemma 2/3; the stored weights are Gemma's w of (1 + w), mapped as they are
+            norms += ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+        for norm in norms:
             t.append(WeightEntry(f"{hf}.{norm}.weight", (*ours, norm, "scale"), False, i))
     t.append(WeightEntry("model.norm.weight", ("norm", "scale"), False))
     if not c.tie_word_embeddings:

@@ -112,6 +112,7 @@ class Encoder:
         tokenizer: Any,
         *,
         template: str | None = None,
+        model_type: str | None = None,
         max_length: int | None = 2048,
         truncation_strategy: str | None = None,
         loss_scale: str = "last_round",
@@ -130,7 +131,7 @@ class Encoder:
             raise ConfigError(f"--loss_scale {loss_scale!r}: choose one of {', '.join(LOSS_SCALES)}")
         if max_length is not None and int(max_length) < 2:
             raise ConfigError(f"--max_length {max_length}: must be at least 2")
-        self.renderer = ChatRenderer(tokenizer, template)
+        self.renderer = ChatRenderer(tokenizer, template, model_type=model_type)
         self.tokenizer = tokenizer
         self.max_length = None if max_length is None else int(max_length)
         self.truncation_strategy = truncation_strategy

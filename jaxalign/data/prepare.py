@@ -36,6 +36,7 @@ def prepare_data(
     split_dataset_ratio: float = 0.0,
     data_seed: int = 42,
     template: str | None = None,
+    model_type: str | None = None,
     max_length: int | None = 2048,
     truncation_strategy: str | None = None,
     loss_scale: str = "last_round",
@@ -50,6 +51,7 @@ def prepare_data(
     encoder = Encoder(
         tokenizer,
         template=template,
+        model_type=model_type,
         max_length=max_length,
         truncation_strategy=truncation_strategy,
         loss_scale=loss_scale,

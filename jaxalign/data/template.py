@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from jaxalign.errors import ConfigError, DataError
+from jaxalign.models.config import GEMMA_MODEL_TYPES
 
 # Used when the tokenizer has no chat template, or with --template plain.
 PLAIN_TEMPLATE: str = (
@@ -18,22 +19,46 @@ PLAIN_TEMPLATE: str = (
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
 
-TEMPLATE_CHOICES: tuple[str, ...] = ("default", "plain")
+# Gemma's turns (as Google's Gemma chat templates): the assistant is "model", a system message is prepended to
+# the first user turn, every turn ends "<end_of_turn>\n" (Gemma's stop token; see data.tokenizer.stop_token_ids).
+GEMMA_TEMPLATE: str = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content']"
+    " + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA_END_OF_TURN = "<end_of_turn>"
+
+TEMPLATE_CHOICES: tuple[str, ...] = ("default", "plain", "gemma")
 
 
 class ChatRenderer:
-    """Renders message lists to text; ``template`` None/"default" uses the tokenizer's own."""
+    """Renders message lists to text; ``template`` None/"default" uses the tokenizer's own, or when it has
+    none the Gemma template for a Gemma ``model_type`` and the plain one otherwise."""
 
-    def __init__(self, tokenizer: Any, template: str | None = None):
+    def __init__(self, tokenizer: Any, template: str | None = None, *, model_type: str | None = None):
         if template not in (None, *TEMPLATE_CHOICES):
             raise ConfigError(
-                f"--template {template!r}: choose 'default' (the tokenizer's chat template) or 'plain'"
+                f"--template {template!r}: choose 'default' (the tokenizer's chat template), 'plain' or 'gemma'"
             )
+        if template == "default":
+            template = None
         self.tokenizer = tokenizer
         own = getattr(tokenizer, "chat_template", None)
-        self.uses_plain = template == "plain" or not own
-        self.chat_template: str | None = PLAIN_TEMPLATE if self.uses_plain else None
-        if template is None and not own:
+        if template is None and not own and model_type in GEMMA_MODEL_TYPES:
+            template = "gemma"
+        self.uses_plain = template == "plain" or (template is None and not own)
+        self.uses_gemma = template == "gemma"
+        self.chat_template: str | None = (
+            PLAIN_TEMPLATE if self.uses_plain else GEMMA_TEMPLATE if self.uses_gemma else None
+        )
+        if template is None and self.uses_plain:
             _notice_plain_fallback(tokenizer)
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, where: str = "") -> str:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from jaxalign.data.template import GEMMA_END_OF_TURN, GEMMA_MODEL_TYPES
 from jaxalign.errors import CheckpointError
 from jaxalign.rollout.generate import default_stop_token_ids
 
@@ -50,8 +51,21 @@ def pad_id_of(tokenizer) -> int:
 
 def stop_token_ids(tokenizer, config) -> tuple[int, ...]:
     """Ids that end a sampled completion: the model's EOS ids (config.json, generation_config.json),
-    then the tokenizer's EOS; ``(-1,)`` (nothing stops) when there are none."""
+    then the tokenizer's EOS, then for a Gemma model ``<end_of_turn>`` (its chat turns end there, and a base
+    model's config names only ``<eos>``); ``(-1,)`` (nothing stops) when there are none."""
     ids = list(default_stop_token_ids(config))
     if tokenizer is not None and tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
         ids.append(int(tokenizer.eos_token_id))
+    if tokenizer is not None and getattr(config, "model_type", None) in GEMMA_MODEL_TYPES:
+        turn_end = end_of_turn_id(tokenizer)
+        if turn_end is not None and turn_end not in ids:
+            ids.append(turn_end)
     return tuple(ids) or (-1,)
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The id of Gemma's ``<end_of_turn>`` when the tokenizer has it as one token, else None."""
+    tid = tokenizer.convert_tokens_to_ids(GEMMA_END_OF_TURN)
+    if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        return None
+    return int(tid)

@@ -1,4 +1,4 @@
-"""The decoder (Llama, Mistral, Qwen2, Qwen3), its configuration and KV cache."""
+"""The decoder (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2, Gemma 3 text), its configuration and KV cache."""
 
 from jaxalign.models.config import SUPPORTED_MODEL_TYPES, ModelConfig, config_from_hf
 from jaxalign.models.decoder import Decoder

@@ -9,6 +9,11 @@ query heads share each key/value head (GQA). Key ``s`` is allowed for query ``t`
 
 A query with no allowed key (a left-pad position) gets a finite output that nothing reads.
 
+Scores are ``q.k * scale`` (default ``D**-0.5``); with ``softcap`` (Gemma 2's ``attn_logit_softcapping``) they
+become ``softcap * tanh(scores / softcap)`` before masking. ``xla``, ``chunked`` (forward and custom backward)
+and ``splash`` (its ``attn_logits_soft_cap``) cap; cuDNN's fused attention cannot, so ``cudnn`` (and ``auto`` on
+a GPU) runs ``chunked`` when a softcap is set.
+
 ``sliding_window`` is None (no window), a Python int, or a traced int32 scalar (a scanned layer's
 window); the sentinel :data:`NO_WINDOW` (2**30, longer than any sequence) means "no window" in a traced
 value. Implementations (``impl``):
@@ -32,6 +37,7 @@ value. Implementations (``impl``):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -57,24 +63,29 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def attend(q, k, v, key_valid, q_slots, k_slots, *, sliding_window=None, impl: str = "auto",
-           static_window: int | None = None) -> jax.Array:
+           static_window: int | None = None, scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """Softmax attention of q [B, T, N, D] over k, v [B, K, S, D] -> [B, T, N, D] in ``v.dtype``.
 
     ``key_valid`` [B, S] (non-zero: a real key), ``q_slots`` [T] and ``k_slots`` [S] int32 slot indices,
     ``sliding_window`` None / int / traced int32 (:data:`NO_WINDOW`: none). ``static_window`` is the value a
     traced window takes on sliding layers (the model's ``config.sliding_window``; None: no layer slides),
-    needed only by ``splash``, whose masks are built at trace time.
+    needed only by ``splash``, whose masks are built at trace time. ``scale`` multiplies q.k (default
+    ``D**-0.5``); ``softcap`` caps the scaled scores at +-softcap through tanh.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention implementation {impl!r}; choose one of {', '.join(IMPLS)}")
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    softcap = None if softcap is None else float(softcap)
     impl = _resolve(impl, q, k)
+    if impl == "cudnn" and softcap is not None:
+        impl = "chunked"  # cuDNN flash attention has no logit soft-capping
     if impl == "xla":
-        return _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window)
+        return _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window, scale=scale, softcap=softcap)
     if impl == "chunked":
-        return chunked(q, k, v, key_valid, q_slots, k_slots, sliding_window)
+        return chunked(q, k, v, key_valid, q_slots, k_slots, sliding_window, scale=scale, softcap=softcap)
     if impl == "cudnn":
-        return dot_product(q, k, v, key_valid, q_slots, k_slots, sliding_window, implementation="cudnn")
-    return splash(q, k, v, key_valid, sliding_window, static_window=static_window)
+        return dot_product(q, k, v, key_valid, q_slots, k_slots, sliding_window, implementation="cudnn", scale=scale)
+    return splash(q, k, v, key_valid, sliding_window, static_window=static_window, scale=scale, softcap=softcap)
 
 
 def check_impl(impl: str, platform: str) -> str:
@@ -143,14 +154,17 @@ def _resolve(impl: str, q, k) -> str:
 
 
 # ----- xla: the reference ------------------------------------------------------------------------------
-def _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window=None):
+def _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, scale: float | None = None,
+         softcap: float | None = None):
     """The scores in float32, masked with finfo.min (a row with no allowed key averages every key)."""
     b, t, n, d = q.shape
     kv_heads = k.shape[1]
     groups = n // kv_heads
     q = q.reshape(b, t, kv_heads, groups, d)
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (d**-0.5)
+    scores = scores * (d**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     allowed = _allowed(key_valid, q_slots, k_slots, sliding_window)  # [B, T, S]
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -168,7 +182,7 @@ def _allowed(key_valid, q_slots, k_slots, sliding_window):
 
 # ----- chunked: online softmax in pure XLA ---------------------------------------------------------------
 def chunked(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, block_q: int | None = None,
-            block_k: int | None = None) -> jax.Array:
+            block_k: int | None = None, scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """Flash-style attention in tiles of at most [block_q, block_k] (default :data:`BLOCK_Q`, :data:`BLOCK_K`);
     lengths need not divide the blocks (padded inside)."""
     block_q, block_k = block_q or BLOCK_Q, block_k or BLOCK_K
@@ -190,8 +204,10 @@ def chunked(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, block_
     qb = qb.transpose(1, 0, 3, 4, 2, 5)  # [nq, B, K, G, bq, D]
     kb = jnp.pad(k, ((0, 0), (0, 0), (0, sp - s), (0, 0))).reshape(b, kv_heads, nk, bk, d).transpose(2, 0, 1, 3, 4)
     vb = jnp.pad(v, ((0, 0), (0, 0), (0, sp - s), (0, 0))).reshape(b, kv_heads, nk, bk, d).transpose(2, 0, 1, 3, 4)
+    scale = float(d**-0.5 if scale is None else scale)
+    softcap = None if softcap is None else float(softcap)
     out = _flash(qb, kb, vb, kcode.reshape(b, nk, bk).transpose(1, 0, 2), q_slots.reshape(nq, bq),
-                 k_slots.reshape(nk, bk), window)  # [nq, B, K, G, bq, D]
+                 k_slots.reshape(nk, bk), window, scale, softcap)  # [nq, B, K, G, bq, D]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, tp, n, d)[:, :t]
     return out.astype(v.dtype)
 
@@ -204,13 +220,17 @@ def _tile_mask(qs, ks, kc, window):
     return slot_ok, allowed[:, None, None], fill[:, None, None, None, :]
 
 
-def _tile_scores(qi, kj, allowed, fill, scale):
+def _tile_scores(qi, kj, allowed, fill, scale, softcap=None):
+    """(masked scores, tanh(raw / softcap) or None): the second is the backward's d(capped)/d(raw) = 1 - t^2."""
     s = jnp.einsum("bkgqd,bksd->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
-    return jnp.where(allowed, s, fill)
+    t = None
+    if softcap is not None:
+        t = jnp.tanh(s / softcap)
+        s = t * softcap
+    return jnp.where(allowed, s, fill), t
 
 
-def _flash_forward(qb, kb, vb, kcode, qsb, ksb, window):
-    scale = qb.shape[-1] ** -0.5
+def _flash_forward(qb, kb, vb, kcode, qsb, ksb, window, scale, softcap):
 
     def q_block(args):
         qi, qs = args  # [B, K, G, bq, D], [bq]
@@ -222,7 +242,7 @@ def _flash_forward(qb, kb, vb, kcode, qsb, ksb, window):
 
             def update(carry):
                 m, l, acc = carry
-                s = _tile_scores(qi, kj, allowed, fill, scale)
+                s, _ = _tile_scores(qi, kj, allowed, fill, scale, softcap)
                 m_new = jnp.maximum(m, s.max(-1))
                 alpha = jnp.exp(m - m_new)
                 p = jnp.exp(s - m_new[..., None])
@@ -243,21 +263,21 @@ def _flash_forward(qb, kb, vb, kcode, qsb, ksb, window):
     return jax.lax.map(q_block, (qb, qsb))
 
 
-@jax.custom_vjp
-def _flash(qb, kb, vb, kcode, qsb, ksb, window):
-    return _flash_forward(qb, kb, vb, kcode, qsb, ksb, window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))  # scale, softcap: Python floats
+def _flash(qb, kb, vb, kcode, qsb, ksb, window, scale, softcap):
+    return _flash_forward(qb, kb, vb, kcode, qsb, ksb, window, scale, softcap)[0]
 
 
-def _flash_fwd(qb, kb, vb, kcode, qsb, ksb, window):
-    out, lse = _flash_forward(qb, kb, vb, kcode, qsb, ksb, window)
+def _flash_fwd(qb, kb, vb, kcode, qsb, ksb, window, scale, softcap):
+    out, lse = _flash_forward(qb, kb, vb, kcode, qsb, ksb, window, scale, softcap)
     return out, (qb, kb, vb, kcode, qsb, ksb, window, out, lse)
 
 
-def _flash_bwd(res, g):
+def _flash_bwd(scale, softcap, res, g):
     """FlashAttention-2's backward: per key block, a pass over the query blocks recomputes each tile's
-    probabilities from the log-sum-exp, accumulates dK, dV, and adds the tile's share to dQ."""
+    probabilities from the log-sum-exp, accumulates dK, dV, and adds the tile's share to dQ. With a softcap,
+    the score gradient also goes through d(cap * tanh(s / cap))/ds = 1 - tanh(s / cap)^2."""
     qb, kb, vb, kcode, qsb, ksb, window, out, lse = res
-    scale = qb.shape[-1] ** -0.5
     g = g.astype(qb.dtype)
     delta = jnp.sum(g.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, B, K, G, bq]
 
@@ -270,11 +290,14 @@ def _flash_bwd(res, g):
 
             def update(args):
                 dk, dv, dq_i = args
-                s = _tile_scores(qi, kj, allowed, fill, scale)
+                s, t = _tile_scores(qi, kj, allowed, fill, scale, softcap)
                 p = jnp.exp(s - lse_i[..., None])
                 dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(gi.dtype), gi, preferred_element_type=jnp.float32)
                 dp = jnp.einsum("bkgqd,bksd->bkgqs", gi, vj, preferred_element_type=jnp.float32)
-                ds = jnp.where(allowed, p * (dp - delta_i[..., None]), 0.0) * scale
+                ds = jnp.where(allowed, p * (dp - delta_i[..., None]), 0.0)
+                if t is not None:
+                    ds = ds * (1.0 - t * t)
+                ds = ds * scale
                 dq_i = dq_i + jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(kj.dtype), kj,
                                          preferred_element_type=jnp.float32)
                 dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(qi.dtype), qi, preferred_element_type=jnp.float32)
@@ -295,7 +318,8 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ----- cudnn: jax.nn.dot_product_attention -----------------------------------------------------------------
-def dot_product(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, implementation: str = "cudnn"):
+def dot_product(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, implementation: str = "cudnn",
+                scale: float | None = None):
     """``jax.nn.dot_product_attention`` with every rule in a boolean mask [B, 1, T, S]; self-attention
     (T == S: the slots are aligned) also passes ``is_causal`` and a static window as ``local_window_size``
     so cuDNN skips the tiles they exclude. ``implementation="xla"`` runs the same call on any backend."""
@@ -307,7 +331,7 @@ def dot_product(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, im
         local = (int(sliding_window) - 1, 0)
     return jax.nn.dot_product_attention(
         q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask=mask, is_causal=self_attention,
-        local_window_size=local, implementation=implementation,
+        local_window_size=local, implementation=implementation, scale=scale,
     )
 
 
@@ -316,7 +340,7 @@ def _splash_block(t: int) -> int:
     return next(b for b in (512, 256, 128) if t % b == 0)
 
 
-def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool):
+def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool, softcap: float | None = None):
     """A kernel for this trace (its mask tables become arrays of the trace, so it is not cached)."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa
 
@@ -326,7 +350,7 @@ def _splash_kernel(heads: int, length: int, window: int | None, interpret: bool)
     sizes = sa.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
                           block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
     return sa.make_splash_mha(sa.MultiHeadMask([one] * heads), block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+                              interpret=interpret, attn_logits_soft_cap=softcap)
 
 
 def _mesh_axes(mesh, size: int, names: tuple[str, ...]):
@@ -338,7 +362,7 @@ def _mesh_axes(mesh, size: int, names: tuple[str, ...]):
 
 
 def splash(q, k, v, key_valid, sliding_window=None, *, static_window: int | None = None,
-           interpret: bool = False) -> jax.Array:
+           interpret: bool = False, scale: float | None = None, softcap: float | None = None) -> jax.Array:
     """Splash attention for self-attention (T == S, aligned slots, T a multiple of 128) -> [B, T, N, D].
 
     ``interpret=True`` runs the kernel in Pallas' interpreter (any backend; for tests)."""
@@ -346,12 +370,13 @@ def splash(q, k, v, key_valid, sliding_window=None, *, static_window: int | None
     from jax.sharding import PartitionSpec as P
 
     b, t, n, d = q.shape
-    qh = jnp.swapaxes(q * jnp.asarray(d**-0.5, q.dtype), 1, 2)  # [B, N, T, D]; the kernel does not scale
+    scale = d**-0.5 if scale is None else scale
+    qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [B, N, T, D]; the kernel does not scale
     seg = (key_valid > 0).astype(jnp.int32)  # pad 0, real 1: pads attend only to pads, never empty rows
 
     def run(window):
         def local(qh, k, v, seg):
-            kernel = _splash_kernel(qh.shape[1], t, window, interpret)
+            kernel = _splash_kernel(qh.shape[1], t, window, interpret, softcap)
             one = lambda q1, k1, v1, s1: kernel(q1, k1, v1, segment_ids=sa.SegmentIds(q=s1, kv=s1))
             return jax.vmap(one)(qh, k, v.astype(qh.dtype), seg)
 

@@ -7,19 +7,27 @@ from typing import Any
 
 from jaxalign.errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
+GEMMA_MODEL_TYPES = ("gemma", "gemma2", "gemma3_text")
 _SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+# MLP activations (HF names): act(gate(x)) * up(x). "gelu_pytorch_tanh" is GELU's tanh approximation (Gemma's
+# GeGLU), "gelu" the exact one.
+SUPPORTED_ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Everything the decoder needs; one instance describes Llama, Mistral, Qwen2 or Qwen3."""
+    """Everything the decoder needs; one instance describes Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 or
+    Gemma 3 (text)."""
 
     model_type: str
     vocab_size: int
@@ -46,6 +54,21 @@ class ModelConfig:
     # Per-layer "full_attention" / "sliding_attention" (Qwen2/Qwen3 layer_types); None: every
     # layer uses ``sliding_window`` (Mistral).
     layer_types: tuple[str, ...] | None = None
+    hidden_act: str = "silu"  # one of SUPPORTED_ACTIVATIONS
+    # Gemma: embeddings times sqrt(hidden_size) (cast to the compute dtype); RMSNorm scales by (1 + w), in
+    # float32 before the cast back.
+    embed_scale: bool = False
+    norm_plus_one: bool = False
+    # Gemma 2/3: norms around the attention and the MLP outputs too ("sandwich"): post_attention_layernorm
+    # normalises the attention output (not the MLP input, as in Llama), pre_/post_feedforward_layernorm
+    # the MLP's input and output.
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None  # attention scale query_pre_attn_scalar**-0.5 (else head_dim)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) before masking
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap)
+    # Gemma 3: the RoPE base of sliding-window layers (default RoPE, no scaling); the rope_* fields above are
+    # then the global (full-attention) layers'. None: every layer uses the rope_* fields.
+    rope_local_theta: float | None = None
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
@@ -63,6 +86,16 @@ class ModelConfig:
         if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
             return None
         return self.sliding_window
+
+    @property
+    def attn_scale(self) -> float:
+        """The factor on q.k before the softmax."""
+        return float((self.query_pre_attn_scalar if self.query_pre_attn_scalar is not None else self.head_dim) ** -0.5)
+
+    def layer_uses_local_rope(self, layer: int) -> bool:
+        """Whether layer ``layer`` rotates with ``rope_local_theta`` (a Gemma 3 sliding-window layer)."""
+        return (self.rope_local_theta is not None and self.layer_types is not None
+                and self.layer_types[layer] == "sliding_attention")
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The config.json to write next to exported weights."""
@@ -102,7 +135,7 @@ def _fresh_hf_dict(c: ModelConfig) -> dict[str, Any]:
         rms_norm_eps=c.rms_norm_eps,
         max_position_embeddings=c.max_position_embeddings,
         tie_word_embeddings=c.tie_word_embeddings,
-        hidden_act="silu",
+        hidden_act=c.hidden_act,
         bos_token_id=c.bos_token_id,
         eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id,
@@ -122,6 +155,19 @@ def _fresh_hf_dict(c: ModelConfig) -> dict[str, Any]:
             "sliding_attention" if c.sliding_window is not None else "full_attention" for _ in range(c.num_hidden_layers)
         )
         d.update(layer_types=list(layer_types), max_window_layers=c.num_hidden_layers)
+    if c.model_type in GEMMA_MODEL_TYPES:
+        d.update(attention_bias=c.attention_bias)
+    if c.model_type in ("gemma2", "gemma3_text"):
+        scalar = c.query_pre_attn_scalar
+        d.update(hidden_activation=c.hidden_act,
+                 query_pre_attn_scalar=int(scalar) if scalar is not None and float(scalar).is_integer() else scalar,
+                 attn_logit_softcapping=c.attn_logit_softcapping, final_logit_softcapping=c.final_logit_softcapping,
+                 sliding_window=c.sliding_window,
+                 layer_types=list(c.layer_types or ("full_attention",) * c.num_hidden_layers))
+    if c.model_type == "gemma3_text":
+        local = {"rope_type": "default", "rope_theta": c.rope_local_theta if c.rope_local_theta is not None else c.rope_theta}
+        d.update(rope_parameters={"full_attention": rope, "sliding_attention": local}, rope_scaling=None)
+        d.pop("rope_theta")
     return d
 
 
@@ -131,25 +177,36 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(
             f"{source}: model_type {model_type!r} is not supported; jaxalign runs "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (LlamaForCausalLM, MistralForCausalLM, "
-            "Qwen2ForCausalLM, Qwen3ForCausalLM)"
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} ({', '.join(_HF_ARCHITECTURES[t] for t in SUPPORTED_MODEL_TYPES)})"
         )
-    act = d.get("hidden_act", "silu")
-    if act != "silu":
-        raise CheckpointError(f"{source}: hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
+    gemma = model_type in GEMMA_MODEL_TYPES
+    # Gemma 2/3 name the activation hidden_activation; Gemma's legacy "gelu" means the tanh approximation
+    # (transformers' GemmaConfig rewrites it so).
+    act = d.get("hidden_activation") if model_type in ("gemma2", "gemma3_text") else None
+    act = act or d.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    if model_type == "gemma" and act == "gelu":
+        act = "gelu_pytorch_tanh"
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise CheckpointError(
+            f"{source}: hidden activation {act!r} is not supported; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+        )
+    if gemma and d.get("use_bidirectional_attention"):
+        raise CheckpointError(f"{source}: use_bidirectional_attention is not supported; jaxalign runs causal LMs")
     try:
         heads = int(d["num_attention_heads"])
         hidden = int(d["hidden_size"])
         layers = int(d["num_hidden_layers"])
-        rope = _rope_from_hf(d, source)
+        rope = _rope_from_hf(d, model_type, source)
         sliding, layer_types = _sliding_from_hf(d, model_type, layers, source)
         # Which projections carry a bias, as each Hugging Face family builds its nn.Linear layers.
         if model_type == "qwen2":
             qkv_bias, o_bias = True, False
-        elif model_type in ("llama", "qwen3"):
+        elif model_type in ("llama", "qwen3") or gemma:
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
         else:  # mistral: no biases at all
             qkv_bias = o_bias = False
+        sandwich = model_type in ("gemma2", "gemma3_text")
+        softcap = lambda key: float(d[key]) if sandwich and d.get(key) is not None else None
         return ModelConfig(
             model_type=model_type,
             vocab_size=int(d["vocab_size"]),
@@ -161,13 +218,20 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
             head_dim=int(d.get("head_dim") or hidden // heads),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", gemma)),
             attention_bias=qkv_bias,
             o_proj_bias=o_bias,
             mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
+            qk_norm=model_type in ("qwen3", "gemma3_text"),
             sliding_window=sliding,
             layer_types=layer_types,
+            hidden_act=act,
+            embed_scale=gemma,
+            norm_plus_one=gemma,
+            sandwich_norms=sandwich,
+            query_pre_attn_scalar=float(d.get("query_pre_attn_scalar", 256)) if sandwich else None,
+            attn_logit_softcapping=softcap("attn_logit_softcapping"),
+            final_logit_softcapping=softcap("final_logit_softcapping"),
             bos_token_id=d.get("bos_token_id"),
             eos_token_id=tuple(d["eos_token_id"]) if isinstance(d.get("eos_token_id"), list) else d.get("eos_token_id"),
             pad_token_id=d.get("pad_token_id"),
@@ -185,6 +249,16 @@ def _sliding_from_hf(d: dict[str, Any], model_type: str, layers: int, source: st
     if model_type == "mistral":
         window = d.get("sliding_window")
         return (int(window) if window else None), None
+    if model_type in ("gemma2", "gemma3_text"):
+        # transformers fills layer_types in (Gemma 2: every other layer slides, from layer 0; Gemma 3: five
+        # sliding then one global); they are kept even without a window (they pick Gemma 3's RoPE base).
+        types = d.get("layer_types")
+        if types is None:
+            pattern = 2 if model_type == "gemma2" else int(d.get("sliding_window_pattern", 6))
+            types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+        types = _check_layer_types(types, layers, source)
+        window = d.get("sliding_window")
+        return (int(window) if window and "sliding_attention" in types else None), types
     if model_type not in ("qwen2", "qwen3") or not d.get("use_sliding_window") or not d.get("sliding_window"):
         return None, None
     window = int(d["sliding_window"])
@@ -192,19 +266,48 @@ def _sliding_from_hf(d: dict[str, Any], model_type: str, layers: int, source: st
     if types is None:
         first = int(d.get("max_window_layers", 28))
         types = ["sliding_attention" if i >= first else "full_attention" for i in range(layers)]
-    types = tuple(types)
-    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
-        raise CheckpointError(
-            f"{source}: layer_types must list 'full_attention' or 'sliding_attention' for each of the {layers} layers"
-        )
+    types = _check_layer_types(types, layers, source)
     if "sliding_attention" not in types:
         return None, None
     return window, types
 
 
-def _rope_from_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
+def _check_layer_types(types, layers: int, source: str) -> tuple[str, ...]:
+    types = tuple(types)
+    if len(types) != layers or not set(types) <= {"full_attention", "sliding_attention"}:
+        raise CheckpointError(
+            f"{source}: layer_types must list 'full_attention' or 'sliding_attention' for each of the {layers} layers"
+        )
+    return types
+
+
+def _rope_from_hf(d: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    if model_type == "gemma3_text":
+        return _gemma3_rope_from_hf(d, source)
+    return _one_rope_from_hf(d, d.get("rope_parameters") or {}, d.get("rope_scaling") or {}, source)
+
+
+def _gemma3_rope_from_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """Gemma 3: ``rope_parameters`` per layer type (transformers 5), or the older flat form — ``rope_theta``
+    (+ ``rope_scaling``) for global layers and ``rope_local_base_freq`` for sliding ones."""
     params = d.get("rope_parameters") or {}
-    scaling = d.get("rope_scaling") or {}
+    if "full_attention" in params or "sliding_attention" in params:
+        full = dict(params.get("full_attention") or {})
+        local = dict(params.get("sliding_attention") or {})
+    else:
+        full = {**(d.get("rope_scaling") or {}), **params}
+        local = {}
+    full.setdefault("rope_theta", d.get("rope_theta", 1_000_000.0))
+    local.setdefault("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+    if (local.get("rope_type") or local.get("type") or "default") != "default":
+        raise CheckpointError(f"{source}: a scaled RoPE on sliding-window layers is not supported "
+                              f"(rope_parameters.sliding_attention: {local})")
+    out = _one_rope_from_hf(d, full, {}, source)
+    out["rope_local_theta"] = float(local["rope_theta"])
+    return out
+
+
+def _one_rope_from_hf(d: dict[str, Any], params: dict[str, Any], scaling: dict[str, Any], source: str) -> dict[str, Any]:
     merged = {**scaling, **params}
     theta = float(merged.get("rope_theta", d.get("rope_theta", 10000.0)))
     rope_type = merged.get("rope_type", merged.get("type", "default")) or "default"

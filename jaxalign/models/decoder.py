@@ -1,4 +1,5 @@
-"""One config-driven decoder-only transformer for the Llama, Mistral, Qwen2 and Qwen3 families.
+"""One config-driven decoder-only transformer for the Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 and Gemma 3
+(text) families.
 
 Parameters are float32 masters carrying logical axis names (``axes`` metadata) that
 :mod:`jaxalign.parallel` maps onto the mesh. Matmuls run in the compute ``dtype``; norms,
@@ -7,13 +8,17 @@ softmax and the returned logits are float32.
 The layers are *scanned* (MaxText's ``scan_layers``): ``Decoder.layers`` is one
 :class:`DecoderLayer` whose every variable carries a leading ``layers`` axis, and the forward is a
 ``jax.lax.scan`` over it, so the compiled program holds one layer however deep the model is.
-Per-layer differences (a sliding window on some layers) are scanned inputs, not module attributes.
+Per-layer differences (a sliding window on some layers, Gemma 3's local RoPE base on those layers) are scanned
+inputs, not module attributes.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxalign.models.attention import IMPLS as ATTN_IMPLS
@@ -66,16 +71,22 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Root-mean-square norm computed in float32, as Hugging Face does."""
+    """Root-mean-square norm computed in float32, as Hugging Face does.
 
-    def __init__(self, dim: int, eps: float):
-        self.scale = _ones((dim,), ("norm",))
+    ``plus_one`` (Gemma): the output is scaled by ``1 + scale`` (the stored weight starts at 0), multiplied
+    in float32 before the cast back; Llama casts first and then multiplies by the weight."""
+
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
+        self.scale = _zeros((dim,), ("norm",)) if plus_one else _ones((dim,), ("norm",))
         self.eps = eps
+        self.plus_one = plus_one
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.plus_one:
+            return (x32 * (1.0 + self.scale[...].astype(jnp.float32))).astype(dtype)
         return self.scale[...].astype(dtype) * x32.astype(dtype)
 
 
@@ -90,8 +101,8 @@ class Attention(nnx.Module):
         self.k_proj = Linear(h, k * d, ("embed", "kv_heads"), bias=c.attention_bias, rngs=rngs)
         self.v_proj = Linear(h, k * d, ("embed", "kv_heads"), bias=c.attention_bias, rngs=rngs)
         self.o_proj = Linear(n * d, h, ("heads", "embed"), bias=c.o_proj_bias, rngs=rngs)
-        self.q_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
-        self.k_norm = RMSNorm(d, c.rms_norm_eps) if c.qk_norm else None
+        self.q_norm = RMSNorm(d, c.rms_norm_eps, c.norm_plus_one) if c.qk_norm else None
+        self.k_norm = RMSNorm(d, c.rms_norm_eps, c.norm_plus_one) if c.qk_norm else None
 
     def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
         """``window``: this layer's sliding window (a traced int32 under the layer scan; ``NO_WINDOW`` for a
@@ -128,36 +139,59 @@ class Attention(nnx.Module):
         kv_axes = (BATCH, KV_HEADS, LENGTH, HEAD_DIM)
         k, v = constrain(k.astype(dtype), kv_axes), constrain(v.astype(dtype), kv_axes)
         out = attend(q, k, v, key_valid, q_slots, k_slots, sliding_window=window, impl=self.attn_impl,
-                     static_window=c.sliding_window)
+                     static_window=c.sliding_window, scale=c.attn_scale, softcap=c.attn_logit_softcapping)
         out = constrain(out.reshape(b, t, -1), (BATCH, LENGTH, HEADS))
         return self.o_proj(out, dtype), new_cache
 
 
+def activation(name: str):
+    """The MLP's gate activation by its Hugging Face name."""
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_pytorch_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"activation {name!r}")
+
+
 class MLP(nnx.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """A gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu), or Gemma's GeGLU (tanh-approximate gelu)."""
 
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
+        self.act = c.hidden_act
         self.gate_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), bias=c.mlp_bias, rngs=rngs)
         self.up_proj = Linear(c.hidden_size, c.intermediate_size, ("embed", "mlp"), bias=c.mlp_bias, rngs=rngs)
         self.down_proj = Linear(c.intermediate_size, c.hidden_size, ("mlp", "embed"), bias=c.mlp_bias, rngs=rngs)
 
     def __call__(self, x, dtype):
         x = constrain(x, (BATCH, LENGTH, EMBED))
-        h = constrain(jax.nn.silu(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), (BATCH, LENGTH, MLP_AXIS))
+        h = constrain(activation(self.act)(self.gate_proj(x, dtype)) * self.up_proj(x, dtype), (BATCH, LENGTH, MLP_AXIS))
         return self.down_proj(h, dtype)
 
 
 class DecoderLayer(nnx.Module):
+    """Llama order: x + attn(norm(x)), then + mlp(post_attention_layernorm(.)). With ``sandwich_norms`` (Gemma 2/3),
+    as Hugging Face names them: x + post_attention_layernorm(attn(input_layernorm(x))), then
+    + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(.)))."""
+
     def __init__(self, c: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        norm = lambda: RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one)
+        self.input_layernorm = norm()
         self.self_attn = Attention(c, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = norm()
+        self.pre_feedforward_layernorm = norm() if c.sandwich_norms else None
+        self.post_feedforward_layernorm = norm() if c.sandwich_norms else None
         self.mlp = MLP(c, rngs=rngs)
 
     def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
         x = constrain(x, (BATCH, LENGTH, EMBED))  # the residual stream stays sharded over the batch
         attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, q_slots, k_slots, window,
                                          layer_cache, dtype)
+        if self.pre_feedforward_layernorm is not None:
+            x = constrain(x + self.post_attention_layernorm(attn), (BATCH, LENGTH, EMBED))
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), dtype))
+            return constrain(x, (BATCH, LENGTH, EMBED)), new_cache
         x = constrain(x + attn, (BATCH, LENGTH, EMBED))
         x = x + self.mlp(self.post_attention_layernorm(x), dtype)
         return constrain(x, (BATCH, LENGTH, EMBED)), new_cache
@@ -221,7 +255,7 @@ class Decoder(nnx.Module):
         c = config
         self.embed_tokens = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"))
         self.layers = stack_layers([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one)
         self.lm_head = None if c.tie_word_embeddings else _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
@@ -233,7 +267,9 @@ class Decoder(nnx.Module):
         start = cache.lengths[:, None] if cache is not None else 0
         if positions is None:
             positions = jnp.maximum(start + jnp.cumsum(attention_mask, axis=1) - 1, 0)
-        cos, sin = rope_tables(positions, jnp.asarray(inverse_frequencies(self.config)))
+        rope = rope_tables(positions, jnp.asarray(inverse_frequencies(self.config)))
+        if self.config.rope_local_theta is not None:  # Gemma 3: the sliding layers' own base
+            rope = (*rope, *rope_tables(positions, jnp.asarray(inverse_frequencies(self.config, local=True))))
         if cache is None:
             q_slots = k_slots = jnp.arange(t)
             key_valid = attention_mask
@@ -242,7 +278,9 @@ class Decoder(nnx.Module):
             k_slots = jnp.arange(cache.max_len)
             key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
         x = embedding_lookup(self.embed_tokens[...], input_ids, self.dtype)
-        x, new_kv = self._scan_layers(x, cos, sin, key_valid, q_slots, k_slots, cache)
+        if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first, as transformers does
+            x = x * jnp.asarray(math.sqrt(self.config.hidden_size), jnp.float32).astype(self.dtype)
+        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache)
         x = constrain(self.norm(x), (BATCH, LENGTH, EMBED))
         if cache is None:
             return x, None
@@ -263,17 +301,37 @@ class Decoder(nnx.Module):
             return None
         return jnp.asarray([NO_WINDOW if w is None else w for w in windows], jnp.int32)
 
-    def _scan_layers(self, x, cos, sin, key_valid, q_slots, k_slots, cache: KVCache | None):
+    def layer_local_rope(self) -> jax.Array | None:
+        """[L] bool: which layers rotate with the local RoPE base (Gemma 3's sliding layers), or None."""
+        c = self.config
+        if c.rope_local_theta is None:
+            return None
+        return jnp.asarray([c.layer_uses_local_rope(i) for i in range(c.num_hidden_layers)])
+
+    @staticmethod
+    def _layer_rope(rope, local):
+        """(cos, sin) of one layer: ``rope`` is (cos, sin), or (cos, sin, local cos, local sin) with ``local`` a
+        (traced or Python) bool saying which pair this layer uses."""
+        if len(rope) == 2:
+            return rope
+        if isinstance(local, (bool, np.bool_)):
+            return rope[2:] if local else rope[:2]
+        return jnp.where(local, rope[2], rope[0]), jnp.where(local, rope[3], rope[1])
+
+    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None):
         """Run the stacked layers over ``x`` with ``jax.lax.scan``: (output, (keys, values) or None)."""
         graphdef, state = nnx.split(self.layers)
         windows = self.layer_windows()
+        local_rope = self.layer_local_rope()
         dtype = self.dtype
         layer_ids = jnp.arange(self.config.num_hidden_layers, dtype=jnp.int32)
-        xs = (state, layer_ids if windows is None else windows, layer_ids)
+        xs = (state, layer_ids if windows is None else windows, layer_ids,
+              layer_ids if local_rope is None else local_rope)
 
         if cache is None:
             def body(x, xs):
-                layer_state, window, _ = xs
+                layer_state, window, _, local = xs
+                cos, sin = self._layer_rope(rope, local)
                 layer = nnx.merge(graphdef, layer_state)
                 y, _ = layer(x, cos, sin, key_valid, q_slots, k_slots, None if windows is None else window, None,
                              dtype)
@@ -286,18 +344,19 @@ class Decoder(nnx.Module):
 
         def cached_body(carry, xs):
             x, keys, values = carry
-            layer_state, window, i = xs
+            layer_state, window, i, local = xs
+            cos, sin = self._layer_rope(rope, local)
             layer = nnx.merge(graphdef, layer_state)
             y, (keys, values) = layer(x, cos, sin, key_valid, q_slots, k_slots, None if windows is None else window,
                                       (keys, values, i, cache.index), dtype)
             return (y, keys, values), None
 
         if is_unstacked(cache):
-            return self._unrolled_layers(x, cos, sin, key_valid, q_slots, k_slots, cache)
+            return self._unrolled_layers(x, rope, key_valid, q_slots, k_slots, cache)
         (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
         return x, (keys, values)
 
-    def _unrolled_layers(self, x, cos, sin, key_valid, q_slots, k_slots, cache: KVCache):
+    def _unrolled_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache):
         """The layers one after another (a Python loop, so one copy of the layer per layer in the program) over a
         per-layer cache (:func:`~jaxalign.models.kv_cache.unstack`): each layer's cache is updated and read in
         place. The sampler's decode step runs this way; it is forward-only, so the program grows by one layer's
@@ -307,19 +366,24 @@ class Decoder(nnx.Module):
         for i in range(self.config.num_hidden_layers):
             layer = nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
             window = self.config.layer_sliding_window(i)
+            cos, sin = self._layer_rope(rope, self.config.layer_uses_local_rope(i))
             x, (keys[i], values[i]) = layer(x, cos, sin, key_valid, q_slots, k_slots, window,
                                             (keys[i], values[i], None, cache.index), self.dtype)
         return x, (tuple(keys), tuple(values))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Project hidden states [B, (T,) hidden] to vocabulary logits in float32 (per batch shard under a
-        mesh, the vocabulary over tensor)."""
+        mesh, the vocabulary over tensor), soft-capped when the config says so (Gemma 2). Every logit jaxalign
+        produces (training's chunked head, the sampler) comes from here."""
         hidden = constrain(hidden, features(hidden, EMBED))
         if self.lm_head is None:
             w = gather_weight(self.embed_tokens[...].astype(hidden.dtype), ("vocab", "embed")).T
         else:
             w = gather_weight(self.lm_head[...].astype(hidden.dtype), ("embed", "vocab"))
         logits = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # Gemma 2: cap * tanh(logits / cap), in float32
+            logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, features(logits, VOCAB))
 
     def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):

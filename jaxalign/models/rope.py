@@ -10,11 +10,17 @@ import numpy as np
 from jaxalign.models.config import ModelConfig
 
 
-def inverse_frequencies(config: ModelConfig) -> np.ndarray:
-    """Per-pair inverse frequencies [head_dim // 2] in float32, with the config's scaling applied."""
+def inverse_frequencies(config: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """Per-pair inverse frequencies [head_dim // 2] in float32, with the config's scaling applied.
+
+    ``local``: those of the sliding-window layers of a model with a separate local base (Gemma 3's
+    ``rope_local_theta``; default RoPE, unscaled)."""
     dim = config.head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    if local:
+        return inv_freq
     if config.rope_type == "linear":
         # Linear scaling divides positions by the factor; dividing the frequencies is the same.
         return (inv_freq / np.float32(config.rope_factor)).astype(np.float32)

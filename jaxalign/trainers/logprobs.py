@@ -50,7 +50,8 @@ def head_stats(hidden: jax.Array, head: jax.Array | Callable[[jax.Array], jax.Ar
 
     ``head`` is the weight [H, V] (logits ``hidden @ head`` in the compute dtype with float32
     accumulation) or a function from hidden states [B, c, H] to float32 logits [B, c, V], normally
-    :meth:`Decoder.logits`, so whatever that projection does (tied weights, sharding) holds per chunk.
+    :meth:`Decoder.logits`, so whatever that projection does (tied weights, sharding, Gemma 2's final
+    logit soft-capping) holds per chunk; a bare weight gives uncapped logits.
     The logits exist one chunk of positions at a time (see :func:`head_chunk_len`); T need not be a
     multiple of the chunk (the tail is padded and dropped).
     """

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from jaxalign.algorithms import make_algorithm
 from jaxalign.config import check_required_inputs
-from jaxalign.convert.checkpoint_io import load_any_model
+from jaxalign.convert.checkpoint_io import load_any_model, read_model_type
 from jaxalign.data import prepare_data
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import ConfigError, DataError
@@ -22,7 +22,7 @@ def load_data(cfg, task: str, tokenizer, *, quiet: bool = False):
     """The run's train/val examples for ``task``, as the data options say; logs the drop counts."""
     data = prepare_data(
         cfg.dataset, task, tokenizer, val_dataset=cfg.val_dataset, split_dataset_ratio=cfg.split_dataset_ratio,
-        data_seed=cfg.data_seed, template=cfg.template, max_length=cfg.max_length,
+        data_seed=cfg.data_seed, template=cfg.template, model_type=read_model_type(cfg.model), max_length=cfg.max_length,
         truncation_strategy=cfg.truncation_strategy, loss_scale=cfg.loss_scale, ignore_bad_rows=cfg.ignore_bad_rows,
     )
     if not quiet:
