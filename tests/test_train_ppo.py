@@ -12,7 +12,7 @@ import pytest
 
 from jaxalign.config import resolve
 from jaxalign.convert import load_hf_model, save_hf_model
-from jaxalign.convert.value_head_io import load_reward_model, save_reward_model
+from jaxalign.convert import load_reward_model, save_reward_model
 from jaxalign.demo import build_char_tokenizer, make_prompt_rows
 from jaxalign.demo.tiny_model import llama_config, random_model
 from jaxalign.models.value_head import new_reward_model
