@@ -223,8 +223,8 @@ class PPO(RolloutAlgorithm):
             order = rng.permutation(n)
             for j in range(cfg.num_mini_batches):
                 idx = order[j * self.mini_batch : (j + 1) * self.mini_batch]
-                n = trainer.micro_batch
-                micros = [{k: v[idx[i * n : (i + 1) * n]] for k, v in arrays.items()} for i in range(trainer.accum)]
+                mb = trainer.micro_batch  # not ``n``: the next epoch permutes all n rows again
+                micros = [{k: v[idx[i * mb : (i + 1) * mb]] for k, v in arrays.items()} for i in range(trainer.accum)]
                 out.append(trainer.step_on(micros))
         return out
 
