@@ -116,13 +116,17 @@ OPTIONS: dict[str, Option] = {
     "desirable_weight": Option(1.0, float, "KTO weight of desirable rows", None, _RLHF),
     "undesirable_weight": Option(1.0, float, "KTO weight of undesirable rows", None, _RLHF),
     "center_rewards_coefficient": Option(None, float, "RM penalty on squared rewards (0.01 recommended)", None, _RLHF),
+    "rm_head": Option("value_head", str, "RM head and export: value_head (TRL's, with bias; backbone + "
+                      "value_head.safetensors) or seq_cls (no bias; a *ForSequenceClassification folder)",
+                      ("value_head", "seq_cls"), _RLHF),
     # Online RL: sampling (GRPO and PPO)
     "max_completion_length": Option(512, int, "longest sampled completion (tokens)", None, _RLHF),
     "temperature": Option(0.9, float, "sampling temperature", None, _RLHF),
     "top_k": Option(-1, int, "top-k sampling (-1 or 0: off)", None, _RLHF),
     "top_p": Option(1.0, float, "nucleus sampling", None, _RLHF),
     "repetition_penalty": Option(1.0, float, "Hugging Face repetition penalty", None, _RLHF),
-    "reward_model": Option(None, str, "reward model export (backbone + value_head.safetensors)", None, _RLHF),
+    "reward_model": Option(None, str, "reward model folder: *ForSequenceClassification, or backbone + "
+                           "value_head.safetensors", None, _RLHF),
     # GRPO
     "num_generations": Option(8, int, "completions per prompt (the group size)", None, _RLHF),
     "epsilon": Option(0.2, float, "lower clip range of the ratio", None, _RLHF),
@@ -151,7 +155,8 @@ OPTIONS: dict[str, Option] = {
     "soft_cache_length": Option(None, int, "soft_overlong: L_cache", None, _RLHF),
     "log_completions": Option(False, bool, "write sample completions to output_dir/completions.jsonl", None, _RLHF),
     # PPO
-    "value_model": Option(None, str, "value model start (default: --reward_model)", None, _RLHF),
+    "value_model": Option(None, str, "value model start, a reward model folder in either layout (default: "
+                          "--reward_model)", None, _RLHF),
     "num_ppo_epochs": Option(4, int, "passes over each rollout", None, _RLHF),
     "num_mini_batches": Option(1, int, "mini-batches per pass (one optimizer step each)", None, _RLHF),
     "local_rollout_forward_batch_size": Option(64, int, "rows per no-grad rollout forward", None, _RLHF),
@@ -417,6 +422,9 @@ def check_algorithm_options(spec, cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError("--reference_free: KTO needs a reference model; drop the flag")
         if cfg.precompute_ref_log_probs:
             raise ConfigError("--precompute_ref_log_probs is not supported for kto yet; drop the flag")
+    if name == "rm" and cfg.get("rm_head") == "seq_cls" and cfg.get("tuner_type") == "lora":
+        raise ConfigError("--rm_head seq_cls with --tuner_type lora: not supported yet (a LoRA reward model's adapter "
+                          "is written with TRL's value head); use --tuner_type full, or --rm_head value_head")
     if name == "grpo":
         if (cfg.loss_type or "grpo") not in GRPO_LOSS_TYPES:
             raise ConfigError(f"--loss_type {cfg.loss_type!r} is not valid for grpo; choose from {', '.join(GRPO_LOSS_TYPES)}")
@@ -437,5 +445,11 @@ def check_required_inputs(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError("--reward_funcs: GRPO needs at least one reward function (accuracy, format, cosine, "
                           "repetition, soft_overlong, a plugin's) or --reward_model")
     if spec.reward_model and not cfg.reward_model:
-        raise ConfigError(f"--reward_model is required for {spec.name}: a reward-model export (backbone + "
-                          "value_head.safetensors)")
+        raise ConfigError(f"--reward_model is required for {spec.name}: a reward model folder "
+                          "(*ForSequenceClassification, or backbone + value_head.safetensors)")
+    if cfg.get("reward_model") or cfg.get("value_model"):  # the layout (config.json and files), before any model loads
+        from jaxalign.convert.reward_model import reward_model_layout
+
+        for flag in ("reward_model", "value_model"):
+            if cfg.get(flag):
+                reward_model_layout(cfg.get(flag), what=f"--{flag} ")

@@ -12,7 +12,7 @@ import pytest
 
 from jaxalign.config import resolve
 from jaxalign.convert import load_hf_model, save_hf_model
-from jaxalign.convert.value_head_io import load_reward_model, save_reward_model
+from jaxalign.convert import load_reward_model, save_reward_model
 from jaxalign.demo import build_char_tokenizer, make_prompt_rows
 from jaxalign.demo.tiny_model import llama_config, random_model
 from jaxalign.models.value_head import new_reward_model
@@ -315,3 +315,25 @@ def test_bad_reward_model_refused(folders, tmp_path, capsys, case):
     if case == "no_value_head":
         assert str(root / "policy") in err, err
     assert not (tmp_path / "o" / "logging.jsonl").exists()
+
+
+def test_several_mini_batches_and_epochs(folders, tmp_path):
+    """num_mini_batches 2 x num_ppo_epochs 2: every epoch shuffles the whole rollout into full mini-batches (the
+    second epoch once permuted only a micro-batch's worth of rows and crashed on an empty mini-batch)."""
+    from jaxalign.trainers.run import build_trainer
+
+    root, _ = folders
+    trainer = build_trainer(ppo_config(root, tmp_path / "o", num_mini_batches=2, num_ppo_epochs=2, max_steps=1,
+                                       per_device_train_batch_size=4, num_sample_generations=0, save_hf=False),
+                            quiet=True)
+    algo = trainer.algo
+    arrays, _ = algo.rollout(trainer, next(trainer.batches))
+    assert arrays["response_mask"].shape[0] == 8  # rollout = 2 mini-batches of 4
+    seen = []
+    step_on = trainer.step_on
+    trainer.step_on = lambda micros: (seen.append(sorted(map(tuple, micros[0]["query_responses"].tolist()))),
+                                      step_on(micros))[1]
+    out = algo.ppo_epochs(trainer, arrays, 0)
+    assert len(out) == 4 and all(len(s) == 4 for s in seen)
+    rows = sorted(map(tuple, arrays["query_responses"].tolist()))
+    assert sorted(seen[0] + seen[1]) == rows and sorted(seen[2] + seen[3]) == rows  # each epoch covers every row

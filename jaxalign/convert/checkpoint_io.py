@@ -55,7 +55,7 @@ def load_checkpoint_model(path: str | Path, *, dtype: str = "float32", value_hea
     reward = meta.get("algorithm") == "rm"
     if reward:
         head = nnx.eval_shape(lambda: ValueHead(config.hidden_size, rngs=nnx.Rngs(0)))
-        abstract = RewardModel(abstract_model(config, dtype), head)
+        abstract = RewardModel(abstract_model(config, dtype), head, **reward_head_kind(meta))
     else:
         abstract = abstract_model(config, dtype)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -64,6 +64,13 @@ def load_checkpoint_model(path: str | Path, *, dtype: str = "float32", value_hea
     if reward and not value_head:
         return model.backbone
     return model
+
+
+def reward_head_kind(meta: dict) -> dict:
+    """The head of an rm run's checkpoint (``--rm_head``; older runs: value_head) and, for seq_cls, the pad id it
+    skips when picking the scored token (the run's tokenizer's, kept in the meta)."""
+    head = (meta.get("config") or {}).get("rm_head") or "value_head"
+    return {"head": head, "pad_token_id": meta.get("rm_pad_token_id") if head == "seq_cls" else None}
 
 
 def lora_checkpoint_settings(meta: dict):
@@ -87,7 +94,8 @@ def load_lora_checkpoint(p: Path, meta: dict, *, dtype: str = "float32", value_h
         raise CheckpointError(f"{p}: the base model {base!r} this LoRA checkpoint was trained on is not on disk")
     backbone = load_any_model(base, dtype=dtype, mesh=mesh)
     reward = meta.get("algorithm") == "rm"
-    model = RewardModel(backbone, ValueHead(backbone.config.hidden_size, rngs=nnx.Rngs(0))) if reward else backbone
+    model = (RewardModel(backbone, ValueHead(backbone.config.hidden_size, rngs=nnx.Rngs(0)), **reward_head_kind(meta))
+             if reward else backbone)
     add_lora(model, settings)
     params = nnx.state(model, trainable_filter(model))
     nnx.replace_by_pure_dict(params, restore_params(p, params, mesh))

@@ -20,7 +20,8 @@ from jaxalign.convert.checkpoint_io import (
 from jaxalign.convert.peft_io import ADAPTER_CONFIG, apply_adapter, read_adapter_config, save_adapter
 from jaxalign.convert.hf_load import load_hf_model
 from jaxalign.convert.hf_save import save_hf_model
-from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head, save_reward_model, value_head_writer
+from jaxalign.convert.reward_model import head_files, save_reward_model_folder
+from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head
 from jaxalign.data.tokenizer import load_tokenizer_if_present
 from jaxalign.errors import CheckpointError
 from jaxalign.models.lora import merge_lora
@@ -42,9 +43,10 @@ def export_checkpoint(ckpt_dir: str | Path, output_dir: str | Path, *, max_shard
         return _write_adapted(model, output_dir, settings=settings, base=base, tokenizer=tokenizer, merge=merge_lora,
                               max_shard_size=max_shard_size, source=str(src))
     if is_reward_checkpoint(src):
-        out = save_reward_model(load_checkpoint_model(src, value_head=True), output_dir, tokenizer=tokenizer,
-                                max_shard_size=max_shard_size)
-        return out, f"exported {src} -> {out} (with value_head.safetensors)"
+        model = load_checkpoint_model(src, value_head=True)
+        out = save_reward_model_folder(model, output_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
+        layout = "a *ForSequenceClassification folder" if model.head == "seq_cls" else "with value_head.safetensors"
+        return out, f"exported {src} -> {out} ({layout})"
     out = save_hf_model(load_checkpoint_model(src), output_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
     return out, f"exported {src} -> {out}"
 
@@ -76,14 +78,14 @@ def _write_adapted(model, output_dir, *, settings, base, tokenizer, merge: bool,
     if merge:
         merge_lora(model)
         if reward:
-            out = save_reward_model(model, output_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
+            out = save_reward_model_folder(model, output_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
         else:
             out = save_hf_model(model, output_dir, tokenizer=tokenizer, max_shard_size=max_shard_size)
         return out, f"exported {source} -> {out} (LoRA merged)"
     dst = Path(output_dir)
     if (dst / ADAPTER_CONFIG).exists():
         raise CheckpointError(f"{dst}: already holds an adapter; choose a new --output_dir or remove the old one")
-    extra = value_head_writer(model.v_head) if reward else None
+    extra = head_files(model) if reward else None
     out = save_adapter(model.backbone if reward else model, dst, settings=settings, base_model=base,
                        tokenizer=tokenizer, extra_files=extra)
     return out, f"exported {source} -> {out} (LoRA adapter; --merge_lora true writes the merged model)"

@@ -22,7 +22,7 @@ from jaxalign.convert.hf_save import hf_tensors, save_hf_model
 from jaxalign.convert.value_head_io import (
     VALUE_HEAD_FILE,
     WEIGHT,
-    load_reward_model,
+    load_value_head_reward_model,
     place_on_mesh,
     save_reward_model,
     value_head_tensors,
@@ -32,7 +32,7 @@ from jaxalign.errors import CheckpointError
 from jaxalign.models.value_head import RewardModel, ValueHead
 
 SCORE = "score.weight"  # [num_labels, hidden]
-_SEQ_CLS_ARCHITECTURES = {
+SEQ_CLS_ARCHITECTURES = {
     "llama": "LlamaForSequenceClassification",
     "mistral": "MistralForSequenceClassification",
     "qwen2": "Qwen2ForSequenceClassification",
@@ -75,17 +75,26 @@ def load_seq_cls_reward_model(path: str | Path, *, dtype: str = "float32", mesh=
     head = ValueHead(config.hidden_size, rngs=nnx.Rngs(0))
     head.summary.kernel[...] = np.asarray(score_file.get(SCORE), np.float32).T
     head.summary.bias[...] = np.zeros((1,), np.float32)
-    return RewardModel(backbone, place_on_mesh(head, mesh))
+    # transformers picks the scored token by config.json's pad_token_id (None: the last position)
+    return RewardModel(backbone, place_on_mesh(head, mesh), head="seq_cls", pad_token_id=config.pad_token_id)
 
 
 def value_head_bias(model: RewardModel) -> float:
     return float(np.asarray(jax.device_get(model.v_head.summary.bias[...]))[0])
 
 
-def seq_cls_hf_config(model: RewardModel) -> dict:
-    """config.json of the sequence-classification folder: one label, the same backbone."""
+def seq_cls_hf_config(model: RewardModel, tokenizer=None) -> dict:
+    """config.json of the sequence-classification folder: one label, the same backbone. Its pad_token_id is the
+    one the model scores with (else the tokenizer's): transformers needs one to score a padded batch."""
     out = model.backbone.config.to_hf_dict()
-    out["architectures"] = [_SEQ_CLS_ARCHITECTURES[model.backbone.config.model_type]]
+    pad = model.pad_token_id if model.head == "seq_cls" else None
+    if pad is None:
+        pad = out.get("pad_token_id")
+    if pad is None and tokenizer is not None:
+        pad = tokenizer.pad_token_id
+    if pad is not None:
+        out["pad_token_id"] = int(pad)
+    out["architectures"] = [SEQ_CLS_ARCHITECTURES[model.backbone.config.model_type]]
     out["num_labels"] = 1
     out["id2label"] = {"0": "LABEL_0"}
     out["label2id"] = {"LABEL_0": 0}
@@ -103,7 +112,7 @@ def save_seq_cls_model(model: RewardModel, path: str | Path, *, tokenizer=None, 
         yield SCORE, value_head_tensors(model.v_head)[WEIGHT]
 
     return save_hf_model(model.backbone, path, tokenizer=tokenizer, tensors=tensors(),
-                         hf_config=seq_cls_hf_config(model), **kw)
+                         hf_config=seq_cls_hf_config(model, tokenizer), **kw)
 
 
 def causal_lm_hf_config(model: RewardModel) -> dict:
@@ -132,7 +141,7 @@ def convert_reward_model(input_dir: str | Path, output_dir: str | Path, *, to: s
         out = save_reward_model(model, output_dir, tokenizer=tokenizer, hf_config=causal_lm_hf_config(model))
         return [f"converted {src} (sequence classification) -> {out} (value head, bias 0; "
                 "LM head tied to the embeddings)"]
-    model = load_reward_model(src)
+    model = load_value_head_reward_model(src)
     out = save_seq_cls_model(model, output_dir, tokenizer=tokenizer)
     lines = [f"converted {src} (value head) -> {out} (sequence classification)"]
     bias = value_head_bias(model)

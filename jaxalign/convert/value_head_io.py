@@ -74,7 +74,7 @@ def place_on_mesh(module, mesh):
     return nnx.merge(graphdef, params, rest)
 
 
-def load_reward_model(path: str | Path, *, dtype: str = "float32", mesh=None) -> RewardModel:
+def load_value_head_reward_model(path: str | Path, *, dtype: str = "float32", mesh=None) -> RewardModel:
     """A Hugging Face backbone folder plus its ``value_head.safetensors`` as a RewardModel."""
     folder = Path(path)
     if not (folder / VALUE_HEAD_FILE).is_file():

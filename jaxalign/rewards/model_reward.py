@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jaxalign.convert.value_head_io import load_reward_model
+from jaxalign.convert.reward_model import load_reward_model
 from jaxalign.errors import ConfigError
 from jaxalign.parallel.activations import mesh_context
 
@@ -26,7 +26,7 @@ class RewardModelReward:
 
     @classmethod
     def from_path(cls, path: str | Path, tokenizer, *, mesh=None, vocab_size: int | None = None):
-        model = load_reward_model(path, mesh=mesh)
+        model = load_reward_model(path, mesh=mesh, what="--reward_model ")
         if vocab_size is not None and model.config.vocab_size != vocab_size:
             raise ConfigError(
                 f"--reward_model {path}: vocabulary of {model.config.vocab_size} tokens differs from the policy's "

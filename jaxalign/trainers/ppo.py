@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.convert import load_any_model, save_hf_model
-from jaxalign.convert.value_head_io import load_reward_model, save_reward_model, value_head_writer
+from jaxalign.convert.reward_model import head_files, load_reward_model, save_reward_model_folder
 from jaxalign.data.collate import collate_prompt
 from jaxalign.errors import ConfigError
 from jaxalign.models.decoder import set_attn_impl
@@ -64,8 +64,9 @@ class PPO(RolloutAlgorithm):
         cfg = self.cfg
         lora = cfg.get("tuner_type") == "lora"  # then the reference is the policy with its adapters off
         ref = None if lora else load_any_model(cfg.ref_model or cfg.model, dtype=cfg.torch_dtype, mesh=mesh)
-        reward = load_reward_model(cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh)
-        value = load_reward_model(cfg.value_model or cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh)
+        reward = load_reward_model(cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh, what="--reward_model ")
+        value = load_reward_model(cfg.value_model or cfg.reward_model, dtype=cfg.torch_dtype, mesh=mesh,
+                                  what="--value_model " if cfg.value_model else "--reward_model ")
         for name, m in (("--reward_model", reward), ("--value_model", value), ("--ref_model", ref or policy)):
             if m.config.vocab_size != policy.config.vocab_size:
                 raise ConfigError(
@@ -133,10 +134,10 @@ class PPO(RolloutAlgorithm):
             export_adapter(self, trainer, models.policy, trainer.out, base_model=cfg.model)
             export_adapter(self, trainer, models.value.backbone, trainer.out / "value_model",
                            base_model=cfg.value_model or cfg.reward_model,
-                           extra_files=value_head_writer(models.value.v_head))
+                           extra_files=head_files(models.value))
             return
         save_hf_model(models.policy, trainer.out, tokenizer=trainer.tokenizer, overwrite=True)
-        save_reward_model(models.value, trainer.out / "value_model", tokenizer=trainer.tokenizer, overwrite=True)
+        save_reward_model_folder(models.value, trainer.out / "value_model", tokenizer=trainer.tokenizer, overwrite=True)
 
     # ----- one logged step: a rollout and its PPO epochs ------------------------------------
     def run_step(self, trainer) -> dict[str, float]:
@@ -222,8 +223,8 @@ class PPO(RolloutAlgorithm):
             order = rng.permutation(n)
             for j in range(cfg.num_mini_batches):
                 idx = order[j * self.mini_batch : (j + 1) * self.mini_batch]
-                n = trainer.micro_batch
-                micros = [{k: v[idx[i * n : (i + 1) * n]] for k, v in arrays.items()} for i in range(trainer.accum)]
+                mb = trainer.micro_batch  # not ``n``: the next epoch permutes all n rows again
+                micros = [{k: v[idx[i * mb : (i + 1) * mb]] for k, v in arrays.items()} for i in range(trainer.accum)]
                 out.append(trainer.step_on(micros))
         return out
 

@@ -3,6 +3,9 @@
 The trainer's model is a :class:`jaxalign.models.value_head.RewardModel` (the loaded backbone
 plus a freshly initialised head, or the head saved beside ``--model``). Chosen and rejected are
 scored in one concatenated forward; the math is :func:`jaxalign.losses.reward_loss`.
+``--rm_head value_head`` (default) trains TRL's value head (with bias) and exports the backbone plus
+``value_head.safetensors``; ``--rm_head seq_cls`` trains a bias-free ``score`` head read at the token
+``transformers`` reads, and exports a ``*ForSequenceClassification`` folder.
 """
 
 from __future__ import annotations
@@ -12,13 +15,9 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from jaxalign.convert.checkpoint_io import is_reward_checkpoint, load_checkpoint_model
-from jaxalign.convert.value_head_io import (
-    VALUE_HEAD_FILE,
-    load_value_head,
-    place_on_mesh,
-    save_reward_model,
-    value_head_writer,
-)
+from jaxalign.convert.reward_model import head_files, save_reward_model_folder
+from jaxalign.convert.value_head_io import VALUE_HEAD_FILE, load_value_head, place_on_mesh
+from jaxalign.data.tokenizer import pad_id_of
 from jaxalign.losses.reward import reward_loss
 from jaxalign.models.value_head import RewardModel, new_reward_model
 from jaxalign.trainers.algorithm import OfflineAlgorithm
@@ -43,19 +42,27 @@ class RewardModelling(OfflineAlgorithm):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.center = cfg.get("center_rewards_coefficient")
+        self.head = cfg.get("rm_head") or "value_head"
 
     def prepare_model(self, model, mesh, tokenizer) -> RewardModel:
-        """The backbone plus a value head: the one saved beside --model, else a fresh seeded one."""
+        """The backbone plus a value head: the one saved beside --model, else a fresh seeded one. A seq_cls head
+        skips the tokenizer's pad id when it picks the scored token, as the exported folder will in transformers."""
         if isinstance(model, RewardModel):
             return model
+        kind = {"head": self.head, "pad_token_id": pad_id_of(tokenizer) if self.head == "seq_cls" else None}
+        self.pad_token_id = kind["pad_token_id"]
         src = Path(self.cfg.model) if self.cfg.get("model") else None
         if src is not None and is_reward_checkpoint(src):  # continue from an rm checkpoint: keep its head
             head = load_checkpoint_model(src, value_head=True).v_head
-            return RewardModel(model, place_on_mesh(head, mesh))
+            return RewardModel(model, place_on_mesh(head, mesh), **kind)
         if src is not None and (src / VALUE_HEAD_FILE).is_file():
             head = place_on_mesh(load_value_head(src, model.config.hidden_size), mesh)
-            return RewardModel(model, head)
-        return place_on_mesh(new_reward_model(model, seed=int(self.cfg.seed)), mesh)
+            return RewardModel(model, head, **kind)
+        return place_on_mesh(new_reward_model(model, seed=int(self.cfg.seed), **kind), mesh)
+
+    def state_dict(self) -> dict:
+        """Kept in each checkpoint's meta: the pad id a seq_cls head skips (so an export scores as training did)."""
+        return {"rm_pad_token_id": getattr(self, "pad_token_id", None)}
 
     def totals_fn(self, batch):
         return {"rows": jnp.asarray(batch["chosen_input_ids"].shape[0] * batch["chosen_input_ids"].shape[1], jnp.float32)}
@@ -79,11 +86,12 @@ class RewardModelling(OfflineAlgorithm):
         return loss, metrics
 
     def export(self, trainer) -> None:
-        """Backbone as a Hugging Face folder in output_dir, head as output_dir/value_head.safetensors (under
-        LoRA: the backbone's adapter in PEFT's format, with the fully trained head beside it)."""
+        """value_head: backbone as a Hugging Face folder in output_dir, head as output_dir/value_head.safetensors
+        (under LoRA: the backbone's adapter in PEFT's format, with the fully trained head beside it); seq_cls: a
+        ``*ForSequenceClassification`` folder."""
         model = trainer.model()
         if self.lora is not None:
             export_adapter(self, trainer, model.backbone, trainer.out, base_model=self.cfg.model,
-                           extra_files=value_head_writer(model.v_head))
+                           extra_files=head_files(model))
             return
-        save_reward_model(model, trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)
+        save_reward_model_folder(model, trainer.cfg.output_dir, tokenizer=trainer.tokenizer, overwrite=True)
