@@ -367,3 +367,18 @@ def save_hf_model_dir(family: str, path, seed: int = 0, **overrides):
     model.save_pretrained(str(path), safe_serialization=True)
     return model
 
+
+
+def assert_merged_equals_peft(merged_folder, peft_model) -> dict:
+    """The merged export in ``merged_folder`` (``jaxalign export --merge_lora true``) equals PEFT's
+    ``merge_and_unload()`` of ``peft_model`` tensor by tensor (1e-5; a tied lm_head may be absent). Returns
+    the export's tensors."""
+    from safetensors.numpy import load_file
+
+    ours = load_file(str(Path(merged_folder) / "model.safetensors"))
+    theirs = {k: v.detach().numpy() for k, v in peft_model.merge_and_unload().state_dict().items()}
+    for name, value in theirs.items():
+        if name == "lm_head.weight" and name not in ours:
+            continue  # tied
+        np.testing.assert_allclose(ours[name], value, atol=1e-5, rtol=0, err_msg=name)
+    return ours
