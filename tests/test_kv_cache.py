@@ -13,7 +13,7 @@ import pytest
 from helpers import SHARP, cached_forward, forward, padded_batch, save_hf_model_dir
 from jaxalign.convert import load_hf_model
 from jaxalign.models import init_cache
-from jaxalign.models.kv_cache import unstack
+from jaxalign.models.kv_cache import first_blocks, layer_slots, put_blocks, unstack
 
 CASES = {
     "llama": ("llama", {}),  # GQA, untied
@@ -86,8 +86,35 @@ def test_decode_over_per_layer_cache_equals_full_forward(models, case):
     stacked = decode(cached_forward, model, cache, new_tokens, full)
     assert isinstance(per_layer.keys, tuple) and len(per_layer.keys) == model.config.num_hidden_layers
     for i, (k, v) in enumerate(zip(per_layer.keys, per_layer.values)):
-        np.testing.assert_allclose(np.asarray(k), np.asarray(stacked.keys[i]), atol=TOL)
-        np.testing.assert_allclose(np.asarray(v), np.asarray(stacked.values[i]), atol=TOL)
+        np.testing.assert_allclose(np.asarray(layer_slots(k)), np.asarray(stacked.keys[i]), atol=TOL)
+        np.testing.assert_allclose(np.asarray(layer_slots(v)), np.asarray(stacked.values[i]), atol=TOL)
+
+
+@pytest.mark.parametrize("case", ["llama", "mistral_sliding_window"])
+def test_decode_in_phases_over_blocks_equals_full_forward(models, case):
+    """The sampler's phases: prefill a cache of the prompt's slots only, add two empty blocks (2 and 3 slots),
+    decode 2 steps attending to the prompt and the first block, then 3 over all three blocks; every step equals
+    the full forward, and the blocks joined hold what a stacked cache of every slot holds."""
+    model = models(case)
+    prompt, prompt_mask, new_tokens = data(model.config.vocab_size)
+    full = full_forward(model, prompt, prompt_mask, new_tokens)
+    cache = init_cache(model.config, len(PROMPT_LENGTHS), PROMPT_WIDTH)
+    _, cache = cached_forward(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache)
+    blocks = unstack(cache, blocks=(2, 3))
+    assert blocks.max_len == PROMPT_WIDTH + STEPS and blocks.read_slots == PROMPT_WIDTH + STEPS
+    phase1 = first_blocks(blocks, 2)
+    assert phase1.read_slots == PROMPT_WIDTH + 2
+    phase1 = decode(cached_forward, model, phase1, new_tokens[:, :2], full)
+    phase2 = decode(cached_forward, model, put_blocks(blocks, phase1), new_tokens[:, 2:], full)
+    stacked = init_cache(model.config, len(PROMPT_LENGTHS), PROMPT_WIDTH + STEPS)
+    _, stacked = cached_forward(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), stacked)
+    stacked = decode(cached_forward, model, stacked, new_tokens, full)
+    np.testing.assert_array_equal(np.asarray(phase2.mask), np.asarray(stacked.mask))
+    real = np.asarray(stacked.mask).astype(bool)  # padding slots hold whatever a masked query row computed
+    for i in range(model.config.num_hidden_layers):
+        for ours, want in ((phase2.keys[i], stacked.keys[i]), (phase2.values[i], stacked.values[i])):
+            ours, want = np.moveaxis(np.asarray(layer_slots(ours)), 2, 1), np.moveaxis(np.asarray(want), 2, 1)
+            np.testing.assert_allclose(ours[real], want[real], atol=TOL)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -65,6 +65,31 @@ def test_greedy_equals_transformers(family, tmp_path):
     assert int(out.steps) == want_len.max()
 
 
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", dict(sliding_window=24))])
+def test_greedy_over_decode_phases_equals_transformers(family, overrides, tmp_path):
+    """70 new tokens decode in three phases (cache blocks ending at P+32, P+64, P+70; each phase attends only to
+    the blocks so far): greedy tokens equal transformers' for every position, past the sliding window too, and
+    each sampled token's log-prob equals log-softmax of one full forward over prompt + completion."""
+    from jaxalign.rollout.generate import decode_read_bounds
+
+    hf = save_hf_model_dir(family, tmp_path, seed=2, **overrides)
+    hf.generation_config.eos_token_id = None
+    model = load_hf_model(tmp_path)
+    n_new = 70
+    ids, mask = left_padded([5, 9, 3], 97, seed=5)
+    assert decode_read_bounds(9, n_new) == (9 + 32, 9 + 64, 9 + 70)
+    ref = hf_greedy(hf, ids, mask, n_new, eos=None)
+    out = generate(model, ids, mask, max_new_tokens=n_new, temperature=0.0, stop_token_ids=(), rng=0)
+    np.testing.assert_array_equal(np.asarray(out.tokens), ref)
+    assert int(out.steps) == n_new
+    with torch.no_grad():
+        full = torch.cat([torch.tensor(ids, dtype=torch.long), torch.tensor(ref, dtype=torch.long)], 1)
+        full_mask = torch.cat([torch.tensor(mask, dtype=torch.long), torch.ones(ref.shape, dtype=torch.long)], 1)
+        logits = hf(full, attention_mask=full_mask).logits[:, ids.shape[1] - 1 : -1].double()
+        want = torch.log_softmax(logits, -1).gather(-1, torch.tensor(ref, dtype=torch.long)[..., None])[..., 0]
+    np.testing.assert_allclose(np.asarray(out.logps), want.numpy(), atol=2e-4)
+
+
 # A tiny model built directly, with logits scaled up so that the next-token law is far from uniform.
 TINY = ModelConfig(model_type="llama", vocab_size=16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                    num_attention_heads=2, num_key_value_heads=1, head_dim=8, pad_token_id=0, eos_token_id=None)

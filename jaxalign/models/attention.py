@@ -71,11 +71,16 @@ def attend(q, k, v, key_valid, q_slots, k_slots, *, sliding_window=None, impl: s
     traced window takes on sliding layers (the model's ``config.sliding_window``; None: no layer slides),
     needed only by ``splash``, whose masks are built at trace time. ``scale`` multiplies q.k (default
     ``D**-0.5``); ``softcap`` caps the scaled scores at +-softcap through tanh.
+
+    ``k`` and ``v`` may also be tuples of blocks [B, K, S_b, D] covering consecutive slots (a per-layer KV cache,
+    see :mod:`jaxalign.models.kv_cache`): each block is read in place and the scores are joined, with ``xla``.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention implementation {impl!r}; choose one of {', '.join(IMPLS)}")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     softcap = None if softcap is None else float(softcap)
+    if isinstance(k, tuple):
+        return _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window, scale=scale, softcap=softcap)
     impl = _resolve(impl, q, k)
     if impl == "cudnn" and softcap is not None:
         impl = "chunked"  # cuDNN flash attention has no logit soft-capping
@@ -156,19 +161,26 @@ def _resolve(impl: str, q, k) -> str:
 # ----- xla: the reference ------------------------------------------------------------------------------
 def _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, scale: float | None = None,
          softcap: float | None = None):
-    """The scores in float32, masked with finfo.min (a row with no allowed key averages every key)."""
+    """The scores in float32, masked with finfo.min (a row with no allowed key averages every key). ``k``, ``v``
+    may be tuples of blocks along the slots: the scores of each block are joined before the softmax."""
+    k_blocks, v_blocks = (k, v) if isinstance(k, tuple) else ((k,), (v,))
     b, t, n, d = q.shape
-    kv_heads = k.shape[1]
+    kv_heads = k_blocks[0].shape[1]
     groups = n // kv_heads
     q = q.reshape(b, t, kv_heads, groups, d)
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = [jnp.einsum("btkgd,bksd->bkgts", q, kb, preferred_element_type=jnp.float32) for kb in k_blocks]
+    scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
     scores = scores * (d**-0.5 if scale is None else scale)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     allowed = _allowed(key_valid, q_slots, k_slots, sliding_window)  # [B, T, S]
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_blocks[0].dtype)
+    out, start = 0, 0
+    for vb in v_blocks:
+        width = vb.shape[2]
+        out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., start : start + width], vb)
+        start += width
     return out.reshape(b, t, n, d)
 
 

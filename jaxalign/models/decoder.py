@@ -107,8 +107,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
         """``window``: this layer's sliding window (a traced int32 under the layer scan; ``NO_WINDOW`` for a
         global layer) or None when no layer of the model has one. ``layer_cache``: (stacked keys [L, B, K, S, D],
-        stacked values, this layer's index, first free slot), or (this layer's keys [B, K, S, D], values, None,
-        first free slot), or None."""
+        stacked values, this layer's index, first free slot), or (this layer's key blocks, each [B, K, S_b, D], value
+        blocks, None, first free slot), or None."""
         c = self.c
         b, t, _ = x.shape
         x = constrain(x, (BATCH, LENGTH, EMBED))
@@ -124,9 +124,12 @@ class Attention(nnx.Module):
         if layer_cache is not None:
             # Write the new keys/values into this layer's slots of the stacked cache in place, then read the layer.
             keys, values, layer, start = layer_cache
-            if layer is None:  # this layer's own arrays [B, K, S, D]: updated and read in place
-                keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, start, 0))
-                values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, 0, start, 0))
+            if layer is None:  # this layer's own blocks [B, K, S_b, D]: the last one takes the new tokens; all read
+                offset = sum(block.shape[2] for block in keys[:-1])
+                keys = (*keys[:-1], jax.lax.dynamic_update_slice(keys[-1], k.astype(keys[-1].dtype),
+                                                                 (0, 0, start - offset, 0)))
+                values = (*values[:-1], jax.lax.dynamic_update_slice(values[-1], v.astype(values[-1].dtype),
+                                                                     (0, 0, start - offset, 0)))
                 k, v = keys, values
             else:  # the stacked arrays [L, B, K, S, D] carried through the layer scan
                 keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), (layer, 0, 0, start, 0))
@@ -137,7 +140,11 @@ class Attention(nnx.Module):
         else:
             new_cache = None
         kv_axes = (BATCH, KV_HEADS, LENGTH, HEAD_DIM)
-        k, v = constrain(k.astype(dtype), kv_axes), constrain(v.astype(dtype), kv_axes)
+        if isinstance(k, tuple):
+            k = tuple(constrain(block.astype(dtype), kv_axes) for block in k)
+            v = tuple(constrain(block.astype(dtype), kv_axes) for block in v)
+        else:
+            k, v = constrain(k.astype(dtype), kv_axes), constrain(v.astype(dtype), kv_axes)
         out = attend(q, k, v, key_valid, q_slots, k_slots, sliding_window=window, impl=self.attn_impl,
                      static_window=c.sliding_window, scale=c.attn_scale, softcap=c.attn_logit_softcapping)
         out = constrain(out.reshape(b, t, -1), (BATCH, LENGTH, HEADS))
@@ -258,8 +265,10 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one)
         self.lm_head = None if c.tie_word_embeddings else _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
-        """Final-norm hidden states [B, T, hidden] in the compute dtype (and the updated cache)."""
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None,
+                      layers: tuple | None = None):
+        """Final-norm hidden states [B, T, hidden] in the compute dtype (and the updated cache). ``layers``: the
+        per-layer modules of :meth:`layer_list`, used over a per-layer cache (the sampler's decode step)."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -275,19 +284,21 @@ class Decoder(nnx.Module):
             key_valid = attention_mask
         else:
             q_slots = cache.index + jnp.arange(t)
-            k_slots = jnp.arange(cache.max_len)
-            key_valid = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+            new_mask = jax.lax.dynamic_update_slice(cache.mask, attention_mask, (0, cache.index))
+            # attention reads the cache's first read_slots slots (per layer: the blocks present)
+            k_slots = jnp.arange(cache.read_slots)
+            key_valid = new_mask[:, : cache.read_slots]
         x = embedding_lookup(self.embed_tokens[...], input_ids, self.dtype)
         if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first, as transformers does
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), jnp.float32).astype(self.dtype)
-        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache)
+        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache, layers)
         x = constrain(self.norm(x), (BATCH, LENGTH, EMBED))
         if cache is None:
             return x, None
         new_cache = KVCache(
             keys=new_kv[0],
             values=new_kv[1],
-            mask=key_valid,
+            mask=new_mask,
             index=cache.index + t,
             lengths=cache.lengths + attention_mask.sum(axis=1),
         )
@@ -318,7 +329,7 @@ class Decoder(nnx.Module):
             return rope[2:] if local else rope[:2]
         return jnp.where(local, rope[2], rope[0]), jnp.where(local, rope[3], rope[1])
 
-    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None):
+    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None, layers=None):
         """Run the stacked layers over ``x`` with ``jax.lax.scan``: (output, (keys, values) or None)."""
         graphdef, state = nnx.split(self.layers)
         windows = self.layer_windows()
@@ -352,19 +363,26 @@ class Decoder(nnx.Module):
             return (y, keys, values), None
 
         if is_unstacked(cache):
-            return self._unrolled_layers(x, rope, key_valid, q_slots, k_slots, cache)
+            return self._unrolled_layers(x, rope, key_valid, q_slots, k_slots, cache, layers)
         (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
         return x, (keys, values)
 
-    def _unrolled_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache):
+    def layer_list(self) -> tuple:
+        """Each layer as its own module, its parameters sliced out of the stack. The sampler takes them once,
+        outside its decode loop: slicing the stack inside the loop copied every layer's weights at every step
+        (~15% of a decode step at batch 64 on CPU)."""
+        graphdef, state = nnx.split(self.layers)
+        return tuple(nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
+                     for i in range(self.config.num_hidden_layers))
+
+    def _unrolled_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache, layers=None):
         """The layers one after another (a Python loop, so one copy of the layer per layer in the program) over a
         per-layer cache (:func:`~jaxalign.models.kv_cache.unstack`): each layer's cache is updated and read in
         place. The sampler's decode step runs this way; it is forward-only, so the program grows by one layer's
         forward per layer."""
-        graphdef, state = nnx.split(self.layers)
+        layers = self.layer_list() if layers is None else layers
         keys, values = list(cache.keys), list(cache.values)
-        for i in range(self.config.num_hidden_layers):
-            layer = nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
+        for i, layer in enumerate(layers):
             window = self.config.layer_sliding_window(i)
             cos, sin = self._layer_rope(rope, self.config.layer_uses_local_rope(i))
             x, (keys[i], values[i]) = layer(x, cos, sin, key_valid, q_slots, k_slots, window,
@@ -386,8 +404,9 @@ class Decoder(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, features(logits, VOCAB))
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
-        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache=cache)
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None,
+                 layers: tuple | None = None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache=cache, layers=layers)
         logits = self.logits(hidden)
         if cache is None:
             return logits

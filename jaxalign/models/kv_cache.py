@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -13,7 +15,7 @@ from jaxalign.models.config import ModelConfig
 # layer in place; a [.., max_len, kv_heads, head_dim] cache costs a transpose copy of the whole cache per layer and
 # step. The leading axis is the scanned layers' (see jaxalign.models.decoder).
 KV_AXES = ("layers", "batch", "kv_heads", "length", None)
-# The per-layer form (see unstack): one [B, kv_heads, max_len, head_dim] array per layer.
+# The per-layer form (see unstack): blocks of [B, kv_heads, slots, head_dim] per layer.
 LAYER_KV_AXES = KV_AXES[1:]
 
 
@@ -21,18 +23,20 @@ LAYER_KV_AXES = KV_AXES[1:]
 class KVCache:
     """Every layer's keys and values, stacked [layers, B, kv_heads, max_len, head_dim], and the slots' bookkeeping.
 
-    ``keys``/``values`` may instead be tuples of per-layer [B, kv_heads, max_len, head_dim] arrays
-    (:func:`unstack`): the decoder then runs its layers unrolled and each decode step reads every layer's
-    cache in place, where reading a layer out of the stacked array inside the layer scan copies it (XLA
-    does not alias a dynamic slice into a dot operand). The sampler decodes in this form.
+    ``keys``/``values`` may instead be per layer (:func:`unstack`): a tuple over layers, each a tuple of blocks
+    [B, kv_heads, slots, head_dim] that cover consecutive slots. The decoder then runs its layers unrolled and each
+    decode step reads every layer's blocks in place, where reading a layer out of the stacked array inside the
+    layer scan copies it (XLA does not alias a dynamic slice into a dot operand). New tokens are written into a
+    layer's last block, and attention reads the blocks present: the sampler decodes in phases, each over the
+    cache's first blocks (:func:`first_blocks`), so a step does not read the empty tail of the cache.
 
-    ``mask`` marks slots holding real tokens (left padding of prompts stays 0), ``index`` is the
+    ``mask`` [B, max_len] marks slots holding real tokens (left padding of prompts stays 0), ``index`` is the
     next free slot (shared by every row), ``lengths`` counts each row's real tokens so far and
     gives the next position.
     """
 
-    keys: jax.Array | tuple[jax.Array, ...]
-    values: jax.Array | tuple[jax.Array, ...]
+    keys: jax.Array | tuple[tuple[jax.Array, ...], ...]
+    values: jax.Array | tuple[tuple[jax.Array, ...], ...]
     mask: jax.Array  # [B, max_len] int32
     index: jax.Array  # [] int32
     lengths: jax.Array  # [B] int32
@@ -40,6 +44,13 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.mask.shape[1]
+
+    @property
+    def read_slots(self) -> int:
+        """How many leading slots attention reads: the blocks present (per-layer form), else every slot."""
+        if is_unstacked(self):
+            return sum(block.shape[2] for block in self.keys[0])
+        return self.max_len
 
 
 def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.float32) -> KVCache:
@@ -54,13 +65,40 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.flo
     )
 
 
-def unstack(cache: KVCache) -> KVCache:
-    """The same cache with per-layer key/value arrays (one copy of the cache, made once)."""
-    if isinstance(cache.keys, tuple):
+def unstack(cache: KVCache, blocks: Sequence[int] = ()) -> KVCache:
+    """The same cache per layer (one copy of the cache, made once): each layer's slots as its first block, then
+    empty blocks of ``blocks`` slots each (the mask grows by as many empty slots)."""
+    if is_unstacked(cache):
         return cache
-    layers = cache.keys.shape[0]
-    return cache.replace(keys=tuple(cache.keys[i] for i in range(layers)),
-                         values=tuple(cache.values[i] for i in range(layers)))
+    b, kv_heads, _, head_dim = cache.keys.shape[1:]
+
+    def layer(stacked, i):
+        empty = tuple(jnp.zeros((b, kv_heads, n, head_dim), stacked.dtype) for n in blocks)
+        return (stacked[i], *empty)
+
+    layers = range(cache.keys.shape[0])
+    mask = jnp.pad(cache.mask, ((0, 0), (0, sum(blocks))))
+    return cache.replace(keys=tuple(layer(cache.keys, i) for i in layers),
+                         values=tuple(layer(cache.values, i) for i in layers), mask=mask)
+
+
+def first_blocks(cache: KVCache, n: int) -> KVCache:
+    """A per-layer cache narrowed to each layer's first ``n`` blocks: attention over it reads only their slots,
+    and new tokens go into block ``n - 1``. Put the result back with :func:`put_blocks`."""
+    return cache.replace(keys=tuple(k[:n] for k in cache.keys), values=tuple(v[:n] for v in cache.values))
+
+
+def put_blocks(cache: KVCache, part: KVCache) -> KVCache:
+    """``cache`` with its first blocks, mask, index and lengths taken from ``part`` (see :func:`first_blocks`)."""
+    def merge(full, first):
+        return tuple((*f, *whole[len(f):]) for whole, f in zip(full, first))
+
+    return part.replace(keys=merge(cache.keys, part.keys), values=merge(cache.values, part.values))
+
+
+def layer_slots(blocks: tuple[jax.Array, ...]) -> jax.Array:
+    """One layer's blocks joined into [B, kv_heads, slots, head_dim] (a copy: for tests and inspection)."""
+    return jnp.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
 
 
 def is_unstacked(cache: KVCache) -> bool:

@@ -1,11 +1,12 @@
 """Prefill + decode over a preallocated KV cache, inside one jit.
 
 ``generate`` splits the model once per call (``nnx.split``) and runs a jitted pure function
-that prefills the cache with the left-padded prompts in one forward, repeats the cache rows
-for ``num_return_sequences``, then samples token by token inside ``lax.while_loop`` until
-every row has produced a stop token or the budget is spent. The prefill runs the scanned layers over
-the stacked cache; the decode step runs the layers unrolled over per-layer caches (read in place). The compiled function is cached
-per (model graph, mesh, sampling settings) and jit's own cache keys the shapes, so a repeat
+that prefills a cache of the prompts' slots with the left-padded prompts in one forward (the scanned layers over
+the stacked cache), repeats the cache rows for ``num_return_sequences``, then samples token by token inside
+``lax.while_loop`` until every row has produced a stop token or the budget is spent. The decode step runs the
+layers unrolled over per-layer caches (read in place), in a few phases (:func:`decode_read_bounds`): each phase
+adds a block of slots and attends only to the blocks so far, not the empty tail of the cache. The compiled
+function is cached per (model graph, mesh, sampling settings) and jit's own cache keys the shapes, so a repeat
 call with the same shapes neither retraces nor recompiles (see :func:`trace_count`).
 """
 
@@ -205,6 +206,18 @@ def _stop_array(stop_token_ids, config, batch: int) -> np.ndarray:
     return np.tile(np.asarray(ids, np.int32)[None, :], (batch, 1))
 
 
+DECODE_PHASES = 4
+MIN_PHASE_TOKENS = 32
+
+
+def decode_read_bounds(prompt_len: int, max_new_tokens: int) -> tuple[int, ...]:
+    """Where the decode phases' cache blocks end: the prompt plus up to ``DECODE_PHASES`` equal shares of the
+    budget, each at least ``MIN_PHASE_TOKENS`` (128 new tokens: P+32, P+64, P+96, P+128; 8: P+8). Each phase is
+    a copy of the decode step in the program, so their number stays small."""
+    share = max(MIN_PHASE_TOKENS, -(-max_new_tokens // DECODE_PHASES))
+    return tuple(prompt_len + min(max_new_tokens, k * share) for k in range(1, -(-max_new_tokens // share) + 1))
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, settings: _Settings, mesh: Mesh | None):
     return jax.jit(functools.partial(_sample, graphdef, settings, mesh))
@@ -220,8 +233,8 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     if mesh is None:
         return cache
     if kv_cache.is_unstacked(cache):
-        keys = tuple(_constrain(k, kv_cache.LAYER_KV_AXES, mesh) for k in cache.keys)
-        values = tuple(_constrain(v, kv_cache.LAYER_KV_AXES, mesh) for v in cache.values)
+        keys = tuple(tuple(_constrain(b, kv_cache.LAYER_KV_AXES, mesh) for b in k) for k in cache.keys)
+        values = tuple(tuple(_constrain(b, kv_cache.LAYER_KV_AXES, mesh) for b in v) for v in cache.values)
     else:
         keys = _constrain(cache.keys, kv_cache.KV_AXES, mesh)
         values = _constrain(cache.values, kv_cache.KV_AXES, mesh)
@@ -242,7 +255,8 @@ def _sample(graphdef, s: _Settings, mesh, state, prompt_ids, prompt_mask, stops,
     n, steps_max, pad = s.num_return_sequences, s.max_new_tokens, s.pad_token_id
     vocab = config.vocab_size
 
-    cache = _constrain_cache(init_cache(config, b, p + steps_max, model.dtype), mesh)
+    # The prefill fills a cache of the prompt's slots; the decode phases' slots are added as blocks after it.
+    cache = _constrain_cache(init_cache(config, b, p, model.dtype), mesh)
     hidden, cache = model.hidden_states(prompt_ids, prompt_mask, cache=cache)
     # Left padding: the last column is every row's last real token; project only that one.
     logits = model.logits(hidden[:, -1])
@@ -260,7 +274,9 @@ def _sample(graphdef, s: _Settings, mesh, state, prompt_ids, prompt_mask, stops,
         seen = None if seen is None else rep(seen)
     # Decode over per-layer caches with the layers unrolled: inside the layer scan each step would copy its
     # layer out of the stacked cache before attending (measured ~30% of decode time at batch 64 on CPU).
-    cache = _constrain_cache(kv_cache.unstack(cache), mesh)
+    bounds = decode_read_bounds(p, steps_max)
+    cache = _constrain_cache(kv_cache.unstack(cache, blocks=np.diff((p, *bounds)).tolist()), mesh)
+    layers = model.layer_list()  # sliced once, here, not at every step
     r = b * n
     rows = jnp.arange(r)
 
@@ -290,17 +306,25 @@ def _sample(graphdef, s: _Settings, mesh, state, prompt_ids, prompt_mask, stops,
         i, _, _, done, *_ = carry
         return (i < steps_max) & ~jnp.all(done)
 
-    def body(carry):
+    def body(carry, blocks):
         i, tok, cache, done, tokens, logps, lengths, seen = carry
-        step_logits, cache = model(tok[:, None], ones, cache=cache)
-        cache = _constrain_cache(cache, mesh)
+        step_logits, part = model(tok[:, None], ones, cache=kv_cache.first_blocks(cache, blocks), layers=layers)
+        cache = _constrain_cache(kv_cache.put_blocks(cache, part), mesh)
         tok, lp, seen, stopped = pick(step_logits[:, 0], seen, i, done)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, i))
         lengths = lengths + (~done).astype(jnp.int32)
         return i + 1, tok, cache, done | stopped, tokens, logps, lengths, seen
 
+    # Decode in phases: phase j's steps write slots p + i - 1 < bounds[j] into block j + 1 and attend only to
+    # blocks 0..j + 1 (block 0: the prompt), so no step reads the empty tail of the cache. Each phase is its own
+    # while loop (a copy of the step in the program), stopping early like the others once every row is done.
     carry = (jnp.int32(1), tok, cache, stopped, tokens, logps, lengths, seen)
-    steps, _, _, done, tokens, logps, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    for j, bound in enumerate(bounds):
+        def phase_cond(carry, last=bound - p):
+            return cond(carry) & (carry[0] <= last)
+
+        carry = jax.lax.while_loop(phase_cond, functools.partial(body, blocks=j + 2), carry)
+    steps, _, _, done, tokens, logps, lengths, _ = carry
     mask = (jnp.arange(steps_max)[None, :] < lengths[:, None]).astype(jnp.int32)
     return Rollout(tokens=tokens, logps=logps, mask=mask, lengths=lengths, finished=done, steps=steps)
