@@ -23,6 +23,10 @@ embedding), the second term the attention scores and weighted sum, counted in fu
 
 Needs TRL, which is not a jaxalign dependency:  pip install trl
 
+On a GPU (`bench/gpu.sh` runs this): --device cuda --dtype bfloat16 --shape qwen2.5-0.5b trains a random-weight
+model of that shape, jaxalign with bfloat16 compute over float32 masters and TRL with bf16 autocast (the same),
+and MFU is taken against the GPU's dense bfloat16 peak (bench/machine.py's table) instead of a measured rate.
+
 Run by hand:  python bench/bench_train.py [--batch_size 4] [--seq_len 128] [--steps 5] [--rounds 2] [--json out.json]
 (about 270 GFLOP per step at the defaults: several seconds a step on 2 cores, a few minutes in all)
 Check the script quickly (tiny model, well under a minute):  python bench/bench_train.py --quick
@@ -39,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import cpu_model  # bench/machine.py (the script's folder is on sys.path)
+from machine import SHAPES, cpu_model, gpu_peaks  # bench/machine.py (the script's folder is on sys.path)
 
 TEMPLATE = (
     "{% for message in messages %}{{ message['content'] + ' ' }}"
@@ -61,9 +65,15 @@ def parse_args(argv=None):
     ap.add_argument("--intermediate", type=int, default=1376)
     ap.add_argument("--vocab", type=int, default=16000)
     ap.add_argument("--matmul_n", type=int, default=2048, help="size of the square matmul timing the machine")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a named model shape instead of the sizes above")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides' compute dtype")
+    ap.add_argument("--device", default="cpu", help="TRL's device, cpu or cuda (jax uses its default backend)")
     ap.add_argument("--quick", action="store_true", help="tiny model and shapes: checks the script in under a minute")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = ap.parse_args(argv)
+    if args.shape:
+        args.hidden, args.layers = SHAPES[args.shape][1]["hidden_size"], SHAPES[args.shape][1]["num_hidden_layers"]
+        args.vocab = SHAPES[args.shape][1]["vocab_size"]
     if args.quick:
         args.batch_size, args.seq_len, args.steps, args.rounds, args.warmup = 2, 64, 3, 1, 1
         args.hidden, args.layers, args.heads, args.kv_heads, args.intermediate, args.vocab = 128, 2, 4, 2, 344, 2000
@@ -102,17 +112,23 @@ def build_folder(args, folder: Path):
     )
     tok.chat_template = TEMPLATE
     tok.save_pretrained(str(folder))
-    cfg = transformers.LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
+    if args.shape:
+        cls, shape = SHAPES[args.shape]
+        cfg = getattr(transformers, cls)(**shape, max_position_embeddings=max(2048, args.seq_len), bos_token_id=1,
+                                         eos_token_id=2, pad_token_id=0)
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+            max_position_embeddings=max(2048, args.seq_len), tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.save_pretrained(str(folder), safe_serialization=True)
     n_params = sum(p.numel() for p in model.parameters())
-    n_matmul = n_params - model.get_input_embeddings().weight.numel()
+    # the input embedding is a lookup; a tied one is still the LM head's matmul
+    n_matmul = n_params - (0 if cfg.tie_word_embeddings else model.get_input_embeddings().weight.numel())
     return tok, n_params, n_matmul
 
 
@@ -182,7 +198,7 @@ class JaxSide:
         cfg = resolve("rlhf", None, {
             "model": str(folder), "dataset": str(data_file), "output_dir": str(out),
             "rlhf_type": "dpo", "loss_type": "sigmoid", "beta": 0.1, "rpo_alpha": 0.0,
-            "mesh": "data=1,fsdp=1,tensor=1", "gradient_checkpointing": False, "torch_dtype": "float32",
+            "mesh": "data=1,fsdp=1,tensor=1", "gradient_checkpointing": False, "torch_dtype": args.dtype,
             "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
             "max_length": args.seq_len, "length_buckets": str(args.seq_len),
             # TRL's / transformers' defaults, so both sides run the same optimizer
@@ -238,7 +254,7 @@ class TRLSide:
             output_dir=str(out), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
             max_length=args.seq_len, padding_free=False, beta=0.1, loss_type=["sigmoid"],
             learning_rate=1e-6, lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0,
-            gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+            gradient_checkpointing=False, bf16=args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu",
             max_steps=args.warmup + args.steps, dataloader_num_workers=0, report_to="none",
             logging_steps=10 ** 6, save_strategy="no", disable_tqdm=True, seed=42,
         )
@@ -250,8 +266,8 @@ class TRLSide:
         self.trainer = DPOTrainer(model=model, ref_model=ref, args=DPOConfig(**cfg), processing_class=tok,
                                   train_dataset=Dataset.from_list(rows), callbacks=[Clock()])
         self.trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # no log dicts on stdout
-        if self.trainer.args.gradient_checkpointing or self.trainer.args.bf16:
-            raise SystemExit("TRL's config kept gradient checkpointing or bf16 on; the comparison would be unfair")
+        if self.trainer.args.gradient_checkpointing or self.trainer.args.bf16 != (args.dtype == "bfloat16"):
+            raise SystemExit("TRL's config changed gradient checkpointing or bf16; the comparison would be unfair")
         ds = self.trainer.train_dataset
         for i in range(min(len(ds), 64)):
             p, c, r = (len(ds[i][k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
@@ -287,8 +303,16 @@ def main(argv=None) -> None:
     print(f"machine: {ncpu} CPUs, {cpu_model()}; load average {os.getloadavg()[0]:.2f}; jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}, trl {trl.__version__}")
-    rates = matmul_rates(args.matmul_n)
-    print(f"float32 matmul {args.matmul_n}x{args.matmul_n}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()))
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+    if gpu:
+        peaks = gpu_peaks(gpu)
+        if peaks is None:
+            sys.exit(f"bench_train.py: no peak bfloat16 rate known for {gpu}; add it to bench/machine.py's GPU_PEAKS")
+        rates = {"jax": peaks[0]}
+        print(f"GPU: {gpu}, dense bfloat16 peak {peaks[0] / 1e12:.0f} TFLOP/s (data sheet)")
+    else:
+        rates = matmul_rates(args.matmul_n)
+        print(f"float32 matmul {args.matmul_n}x{args.matmul_n}: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items()))
 
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
     folder = work / "model"
@@ -298,8 +322,8 @@ def main(argv=None) -> None:
     data_file = work / "pairs.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in ours))
     tokens = args.batch_size * 2 * args.seq_len
-    print(f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
-          f"mlp={args.intermediate} vocab={args.vocab}: {n_params / 1e6:.1f}M parameters, float32")
+    print(f"model: {args.shape or f'llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} mlp={args.intermediate} vocab={args.vocab}'}: "
+          f"{n_params / 1e6:.1f}M parameters, {args.dtype}")
     print(f"DPO sigmoid beta 0.1 with a reference model, batch {args.batch_size} pairs x 2 x {args.seq_len} tokens "
           f"= {tokens} tokens/step; {args.rounds} round(s) of {args.steps} timed steps per side\n")
 
@@ -323,8 +347,8 @@ def main(argv=None) -> None:
     flops_per_step = 4 * tokens * (2 * n_matmul + 4 * args.layers * args.seq_len * args.hidden)
     peak = rates["jax"]
     results = {}
-    print(f"\nmodel FLOPs per step {flops_per_step / 1e9:.1f} GFLOP; MFU against the jax matmul rate "
-          f"{peak / 1e9:.1f} GFLOP/s\n")
+    print(f"\nmodel FLOPs per step {flops_per_step / 1e9:.1f} GFLOP; MFU against "
+          f"{'the GPU peak' if gpu else 'the jax matmul rate'} {peak / 1e9:.1f} GFLOP/s\n")
     print(f"| {'':8s} | {'s/step':>7s} | {'tokens/s':>9s} | {'GFLOP/s':>8s} | {'MFU':>6s} | {'compile s':>9s} |")
     print(f"|{'-' * 10}|{'-' * 9}|{'-' * 11}|{'-' * 10}|{'-' * 8}|{'-' * 11}|")
     for name, (secs, loss) in best.items():
