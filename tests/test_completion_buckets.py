@@ -1,5 +1,6 @@
-"""GRPO and PPO cut a rollout to the completion bucket of its longest completion (issue 19): the buckets, the
-same GRPO loss on the cut batch as on the whole budget, and the update compiling once per bucket used."""
+"""GRPO and PPO cut a rollout to the completion bucket of its longest completion and its prompts to the bucket of
+the longest prompt (issue 19): the buckets, the same GRPO loss on the cut batch as on the whole budget and the
+whole padded prompt width, and the update compiling once per bucket used."""
 
 from __future__ import annotations
 
@@ -99,3 +100,36 @@ def test_update_compiles_once_per_bucket(env):
     lengths = [r["completions/max_length"] for r in rows]
     used = {min(b for b in completion_buckets(BUDGET) if b >= m) for m in lengths}
     assert rows[-1]["compilations"] == len(used) <= len(completion_buckets(BUDGET))
+
+
+def test_cut_prompts_give_the_loss_of_the_padded_batch(env):
+    """Prompts left-padded 40 columns wider than the data made them: cut back to the bucket of the longest prompt,
+    the GRPO loss and metrics equal the wide batch's."""
+    trainer = grpo(env, "prompts")
+    algo = trainer.algo
+    batch = next(trainer.batches)
+    ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    roll = algo.cut_completions(algo.sample(trainer, ids, mask, n=G))
+    wide_ids = np.pad(ids, ((0, 0), (40, 0)), constant_values=trainer.pad_id)
+    wide_mask = np.pad(mask, ((0, 0), (40, 0)))
+    cut_ids, cut_mask = algo.cut_prompts(wide_ids, wide_mask)
+    longest = int(mask.sum(axis=1).max())
+    width = min(b for b in completion_buckets(wide_ids.shape[1]) if b >= longest)
+    assert cut_ids.shape == (ids.shape[0], width) and width < wide_ids.shape[1]
+    np.testing.assert_array_equal(cut_mask.sum(axis=1), mask.sum(axis=1))  # every real token kept
+    np.testing.assert_array_equal(cut_ids[cut_mask > 0], ids[mask > 0])
+
+    adv = np.linspace(-1.0, 1.0, roll["tokens"].shape[0]).astype(np.float32)
+    model = nnx.merge(trainer.graphdef, trainer.state.params, trainer.rest)
+
+    def loss_of(prompt_ids, prompt_mask):
+        arrays = update_arrays(prompt_ids, prompt_mask, roll, adv, num_generations=G, overlong_filter=False)
+        arrays["old_logps"] = arrays["old_logps"] + 0.05 * arrays["completion_mask"]
+        micro = {k: jnp.asarray(v) for k, v in arrays.items()}
+        loss, metrics = algo.loss_fn(model, micro, algo.totals_fn(micro), algo.extra(), jax.random.key(0))
+        return float(loss), {k: float(v) for k, v in metrics.items()}
+
+    wide, cut = loss_of(wide_ids, wide_mask), loss_of(cut_ids, cut_mask)
+    assert cut[0] == pytest.approx(wide[0], abs=1e-6)
+    for key in ("kl", "entropy", "clip_ratio/region_mean"):
+        assert cut[1][key] == pytest.approx(wide[1][key], abs=1e-6), key

@@ -140,8 +140,8 @@ COMPLETION_BUCKET_MIN = 16
 
 
 def completion_buckets(max_completion_length: int) -> list[int]:
-    """Completion widths a rollout is cut to: powers of two from 16 below the budget, then the budget
-    (64 -> 16, 32, 64; 5 -> 5)."""
+    """Widths a rollout's completions (or its prompts, below their padded width) are cut to: powers of two from
+    16 below the budget, then the budget (64 -> 16, 32, 64; 5 -> 5)."""
     return make_buckets(max_completion_length, min_length=min(COMPLETION_BUCKET_MIN, max_completion_length))
 
 
@@ -172,6 +172,16 @@ class RolloutAlgorithm(AlgorithmBase):
         unchanged; each bucket compiles once."""
         width = next(b for b in completion_buckets(self.cfg.max_completion_length) if b >= roll["lengths"].max())
         return {k: v[:, :width] if v.ndim == 2 else v for k, v in roll.items()}
+
+    @staticmethod
+    def cut_prompts(prompt_ids: np.ndarray, prompt_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded prompts [B, P] cut to the smallest width of :func:`completion_buckets` (P) that holds the
+        longest prompt: the dropped leading columns are padding in every row, so the log-probs, scoring and the
+        update see the same tokens and positions over fewer columns. The data's length buckets start at 64 by
+        default, so a batch of 25-token prompts trains 32 prompt columns instead of 64."""
+        width = prompt_ids.shape[1]
+        keep = next(b for b in completion_buckets(width) if b >= int(prompt_mask.sum(axis=1).max()))
+        return prompt_ids[:, width - keep :], prompt_mask[:, width - keep :]
 
     def sampling(self, trainer, n: int = 1, greedy: bool = False) -> dict:
         """The sampler's settings for ``n`` completions per prompt (``jaxalign plan`` compiles with them too)."""

@@ -2,9 +2,9 @@
 
 Each generation: take prompts, sample ``num_generations`` completions per prompt with the
 sampler (one compiled call), score them with the reward functions on the host, compute
-group advantages, cut the completions to the bucket of the longest one, and take ``num_iterations``
-passes over the generation in micro-batches, ``gradient_accumulation_steps`` micro-batches per optimizer
-step. Every shape is fixed by (prompt bucket, completion bucket), so the update compiles at most once per
+group advantages, cut the completions to the bucket of the longest one and the prompts' left padding to the
+bucket of the longest prompt, and take ``num_iterations`` passes over the generation in micro-batches,
+``gradient_accumulation_steps`` micro-batches per optimizer step. Every shape is fixed by (prompt bucket, completion bucket), so the update compiles at most once per
 pair.
 """
 
@@ -200,8 +200,9 @@ class GRPO(RolloutAlgorithm):
         gen_time = time.time() - t0
         roll = self.cut_completions(roll)
         adv = np.asarray(group_advantages(jnp.asarray(total), num_generations=self.G, scale_rewards=cfg.scale_rewards))
-        arrays = update_arrays(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"], roll, adv,
-                               num_generations=self.G, overlong_filter=cfg.overlong_filter)
+        prompt_ids, prompt_mask = self.cut_prompts(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"])
+        arrays = update_arrays(prompt_ids, prompt_mask, roll, adv, num_generations=self.G,
+                               overlong_filter=cfg.overlong_filter)
         lengths = roll["lengths"]
         metrics = {
             "reward": float(np.mean(groups.mean(axis=1))),

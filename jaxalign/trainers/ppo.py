@@ -177,6 +177,7 @@ class PPO(RolloutAlgorithm):
         cfg = self.cfg
         prompt_ids, prompt_mask = prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"]
         roll = self.cut_completions(self.sample(trainer, prompt_ids, prompt_mask))
+        prompt_ids, prompt_mask = self.cut_prompts(prompt_ids, prompt_mask)
         p = prompt_ids.shape[1]
         ids = np.concatenate([prompt_ids, roll["tokens"]], axis=1).astype(np.int32)
         attn = np.concatenate([prompt_mask, roll["mask"]], axis=1).astype(np.int32)
