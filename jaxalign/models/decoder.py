@@ -265,10 +265,8 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one)
         self.lm_head = None if c.tie_word_embeddings else _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None,
-                      layers: tuple | None = None):
-        """Final-norm hidden states [B, T, hidden] in the compute dtype (and the updated cache). ``layers``: the
-        per-layer modules of :meth:`layer_list`, used over a per-layer cache (the sampler's decode step)."""
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, hidden] in the compute dtype (and the updated cache)."""
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -291,7 +289,7 @@ class Decoder(nnx.Module):
         x = embedding_lookup(self.embed_tokens[...], input_ids, self.dtype)
         if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first, as transformers does
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), jnp.float32).astype(self.dtype)
-        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache, layers)
+        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache)
         x = constrain(self.norm(x), (BATCH, LENGTH, EMBED))
         if cache is None:
             return x, None
@@ -329,7 +327,7 @@ class Decoder(nnx.Module):
             return rope[2:] if local else rope[:2]
         return jnp.where(local, rope[2], rope[0]), jnp.where(local, rope[3], rope[1])
 
-    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None, layers=None):
+    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None):
         """Run the stacked layers over ``x`` with ``jax.lax.scan``: (output, (keys, values) or None)."""
         graphdef, state = nnx.split(self.layers)
         windows = self.layer_windows()
@@ -363,26 +361,19 @@ class Decoder(nnx.Module):
             return (y, keys, values), None
 
         if is_unstacked(cache):
-            return self._unrolled_layers(x, rope, key_valid, q_slots, k_slots, cache, layers)
+            return self._unrolled_layers(x, rope, key_valid, q_slots, k_slots, cache)
         (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
         return x, (keys, values)
 
-    def layer_list(self) -> tuple:
-        """Each layer as its own module, its parameters sliced out of the stack. The sampler takes them once,
-        outside its decode loop: slicing the stack inside the loop copied every layer's weights at every step
-        (~15% of a decode step at batch 64 on CPU)."""
-        graphdef, state = nnx.split(self.layers)
-        return tuple(nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
-                     for i in range(self.config.num_hidden_layers))
-
-    def _unrolled_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache, layers=None):
+    def _unrolled_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache):
         """The layers one after another (a Python loop, so one copy of the layer per layer in the program) over a
         per-layer cache (:func:`~jaxalign.models.kv_cache.unstack`): each layer's cache is updated and read in
         place. The sampler's decode step runs this way; it is forward-only, so the program grows by one layer's
         forward per layer."""
-        layers = self.layer_list() if layers is None else layers
+        graphdef, state = nnx.split(self.layers)
         keys, values = list(cache.keys), list(cache.values)
-        for i, layer in enumerate(layers):
+        for i in range(self.config.num_hidden_layers):
+            layer = nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
             window = self.config.layer_sliding_window(i)
             cos, sin = self._layer_rope(rope, self.config.layer_uses_local_rope(i))
             x, (keys[i], values[i]) = layer(x, cos, sin, key_valid, q_slots, k_slots, window,
@@ -404,9 +395,8 @@ class Decoder(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, features(logits, VOCAB))
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None,
-                 layers: tuple | None = None):
-        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache=cache, layers=layers)
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache=cache)
         logits = self.logits(hidden)
         if cache is None:
             return logits
