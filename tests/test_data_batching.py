@@ -185,14 +185,14 @@ def test_drop_last_and_errors():
         BatchIterator([seq(9)], 1, [8], seed=0)
 
 
-def test_host_shards_split_each_global_batch():
+def test_host_rows_split_each_global_batch():
     exs = [seq(3 + i % 12) for i in range(24)]
     full = BatchIterator(exs, 4, [8, 16], seed=5)
-    shards = [BatchIterator(exs, 4, [8, 16], seed=5, num_shards=2, shard_index=i) for i in range(2)]
+    shards = [BatchIterator(exs, 4, [8, 16], seed=5, host_rows=(2 * i, 2 * i + 2)) for i in range(2)]
     for _ in range(len(full) + 2):
         whole = next(full)
         parts = [next(s) for s in shards]
         for key in whole:
             assert np.array_equal(np.concatenate([p[key] for p in parts]), whole[key])
-    with pytest.raises(ConfigError, match="does not divide over 3 hosts"):
-        BatchIterator(exs, 4, [16], seed=0, num_shards=3)
+    with pytest.raises(ConfigError, match="cannot be split over hosts"):
+        BatchIterator(exs, 4, [16], seed=0, drop_last=False, host_rows=(0, 2)).make_batch([0, 1, 2])

@@ -36,9 +36,19 @@ def inputs(tmp_path_factory):
     for f in Path(model).iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")) and not (root / "rm" / f.name).exists():
             (root / "rm" / f.name).write_bytes(f.read_bytes())
+    # A reward plugin noting how many completions each host scores (0 reward: the losses stay the same).
+    (root / "rows_seen.py").write_text(
+        "import json, jax\n"
+        "from pathlib import Path\n"
+        "def rows_seen(completions, **_):\n"
+        "    with open(Path(__file__).parent / 'scored.jsonl', 'a') as f:\n"
+        "        f.write(json.dumps([jax.process_count(), jax.process_index(), len(completions)]) + '\\n')\n"
+        "    return [0.0] * len(completions)\n"
+        "orms = {'rows_seen': rows_seen}\n")
     return {
-        "root": root, "model": str(model), "rm": str(root / "rm"),
+        "root": root, "model": str(model), "rm": str(root / "rm"), "plugin": str(root / "rows_seen.py"),
         "sft": write_jsonl(root / "sft.jsonl", make_addition_rows(16, seed=1, digits=(1, 2))),
+        "sft_val": write_jsonl(root / "sft_val.jsonl", make_addition_rows(12, seed=7, digits=(1, 2))),
         "dpo": write_jsonl(root / "dpo.jsonl", make_preference_rows(16, seed=2)),
         "prompts": write_jsonl(root / "prompts.jsonl", make_prompt_rows(16, seed=5, digits=(1, 2))),
     }
@@ -48,12 +58,13 @@ def flags(inputs, algo: str) -> list[str]:
     common = ["--model", inputs["model"], "--max_length", "64", "--length_buckets", "32,64", "--logging_steps", "1",
               "--learning_rate", "1e-3", "--seed", "3", "--per_device_train_batch_size", "2"]
     if algo == "sft":
-        return ["sft", "--dataset", inputs["sft"], *common]
+        return ["sft", "--dataset", inputs["sft"], "--val_dataset", inputs["sft_val"], "--eval_steps", "1", *common]
     if algo == "dpo":
         return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], *common]
     rollout = ["--dataset", inputs["prompts"], "--max_completion_length", "5", "--temperature", "0.9"]
     if algo == "grpo":
-        return ["rlhf", "--rlhf_type", "grpo", *rollout, "--reward_funcs", "accuracy,format", "--num_generations", "4",
+        return ["rlhf", "--rlhf_type", "grpo", *rollout, "--reward_funcs", "accuracy,format,rows_seen",
+                "--external_plugins", inputs["plugin"], "--num_generations", "4",
                 *common, "--per_device_train_batch_size", "4"]
     return ["rlhf", "--rlhf_type", "ppo", *rollout, "--reward_model", inputs["rm"], "--num_ppo_epochs", "1",
             "--num_sample_generations", "0", *common]
@@ -91,8 +102,8 @@ def launch(args: list[str], out: Path, processes: int, devices: int) -> list[sub
     return done
 
 
-def losses(out: Path) -> np.ndarray:
-    return np.asarray([r["loss"] for r in read_jsonl(out / "logging.jsonl") if "loss" in r])
+def losses(out: Path, key: str = "loss") -> np.ndarray:
+    return np.asarray([r[key] for r in read_jsonl(out / "logging.jsonl") if key in r])
 
 
 def exported(out: Path) -> dict[str, np.ndarray]:
@@ -113,6 +124,10 @@ def test_two_hosts_equal_one(inputs, algo):
     one, two = losses(root / f"{algo}_one"), losses(root / f"{algo}_two")
     assert len(one) == STEPS and len(two) == STEPS
     np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
+    if algo == "sft":  # evaluation: each host builds its rows of each validation batch too
+        assert len(losses(root / "sft_one", "eval_loss")) == STEPS
+        np.testing.assert_allclose(losses(root / "sft_two", "eval_loss"), losses(root / "sft_one", "eval_loss"),
+                                   rtol=1e-5, atol=1e-6)
     a, b = exported(root / f"{algo}_one"), exported(root / f"{algo}_two")
     assert a.keys() == b.keys()
     for k in a:
@@ -120,6 +135,13 @@ def test_two_hosts_equal_one(inputs, algo):
     # One copy of the status lines: process 0 prints them, process 1 does not.
     assert "jaxalign: finished" in runs[0].stdout and "jaxalign: data" in runs[0].stdout
     assert "jaxalign: finished" not in runs[1].stdout and "jaxalign: data" not in runs[1].stdout
+    # Process 0 tokenised its half of the 16 rows; SFT and DPO build only its devices' half of each batch.
+    builds = "rows 0:4 of each 8-row batch" if algo in ("sft", "dpo") else "every host builds whole batches"
+    assert "2 hosts; this one tokenised 8 of 16 training rows up front" in runs[0].stdout
+    assert builds in runs[0].stdout, runs[0].stdout
+    if algo == "grpo":  # each host ran the Python reward functions on its 8 of the 16 completions
+        calls = [tuple(c) for c in read_jsonl(root / "scored.jsonl")]
+        assert {c for c in calls if c[0] == 2} == {(2, 0, 8), (2, 1, 8)} and (1, 0, 16) in calls, calls
 
 
 def test_two_hosts_resume(inputs):

@@ -83,8 +83,10 @@ class BatchIterator:
 
     ``len(it)`` is the number of batches per epoch. With ``drop_last`` each bucket's last
     incomplete batch is dropped (every batch has ``batch_size`` rows); without it that batch
-    is yielded short. ``num_shards``/``shard_index`` give each host its slice of the rows of
-    every (global) batch; shapes are computed from the global batch so all hosts agree.
+    is yielded short. ``host_rows=(lo, hi)`` makes each (full) batch hold only rows ``lo:hi`` of the global batch (this
+    host's slots): only those rows are read from ``examples``, and the padded length comes from every row's
+    length (``examples.lengths`` when it has them, see :class:`jaxalign.data.shards.EncodedRows`), so all hosts
+    agree on shapes. KTO batches need every row (their KL pairs cross the batch), so they are always global.
     """
 
     def __init__(
@@ -96,44 +98,38 @@ class BatchIterator:
         drop_last: bool = True,
         *,
         pad_id: int = 0,
-        num_shards: int = 1,
-        shard_index: int = 0,
+        host_rows: tuple[int, int] | None = None,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch size {batch_size}: must be at least 1")
-        if num_shards > 1 and not drop_last:
-            raise ConfigError("sharding batches over hosts needs drop_last=True (every batch full)")
-        if batch_size % num_shards:
-            raise ConfigError(
-                f"batch size {batch_size} does not divide over {num_shards} hosts; use a multiple of {num_shards}"
-            )
-        self.examples = list(examples)
+        self.examples = examples
         self.batch_size = int(batch_size)
         self.buckets = sorted(int(b) for b in buckets)
         self.seed = int(seed)
         self.drop_last = drop_last
         self.pad_id = int(pad_id)
-        self.num_shards = int(num_shards)
-        self.shard_index = int(shard_index)
-        self._bucket_of = np.asarray([bucket_for(ex.length, self.buckets) for ex in self.examples], dtype=np.int64)
+        self.host_rows = None if host_rows is None or tuple(host_rows) == (0, self.batch_size) else tuple(host_rows)
+        lengths = getattr(examples, "lengths", None)
+        self.lengths = np.asarray(lengths if lengths is not None else [ex.length for ex in examples], np.int64)
+        self._bucket_of = np.asarray([bucket_for(int(n), self.buckets) for n in self.lengths], dtype=np.int64)
         self.epoch = 0
         self.position = 0
         self._plan_epoch = -1
         self._plan: list[np.ndarray] = []
         if len(self) == 0:
             raise ConfigError(
-                f"{len(self.examples)} usable rows cannot fill one batch of {batch_size} per length bucket; "
+                f"{len(self.lengths)} usable rows cannot fill one batch of {batch_size} per length bucket; "
                 "lower the batch size or add data"
             )
 
     def __len__(self) -> int:
-        counts = np.unique(self._bucket_of, return_counts=True)[1] if self.examples else []
+        counts = np.unique(self._bucket_of, return_counts=True)[1] if len(self.lengths) else []
         return int(sum(c // self.batch_size if self.drop_last else -(-c // self.batch_size) for c in counts))
 
     def epoch_plan(self, epoch: int) -> list[np.ndarray]:
         """The row indices of every batch of ``epoch``, in order."""
         rng = np.random.default_rng(self.seed + epoch)
-        order = rng.permutation(len(self.examples))
+        order = rng.permutation(len(self.lengths))
         batches: list[np.ndarray] = []
         for bucket in self.buckets:
             rows = order[self._bucket_of[order] == bucket]
@@ -170,11 +166,11 @@ class BatchIterator:
 
     def make_batch(self, indices: Sequence[int]) -> dict[str, Any]:
         """Collate the rows ``indices`` into one batch of this iterator's shapes."""
-        rows = [self.examples[i] for i in indices]
-        length = bucket_for(required_length(rows, self.buckets[-1]), self.buckets)
-        batch = collate(rows, length, self.pad_id)
-        if self.num_shards > 1:
-            per = len(rows) // self.num_shards
-            lo, hi = self.shard_index * per, (self.shard_index + 1) * per
-            batch = {k: v[lo:hi] for k, v in batch.items()}
-        return batch
+        if self.host_rows is None:
+            rows = [self.examples[i] for i in indices]
+            return collate(rows, bucket_for(required_length(rows, self.buckets[-1]), self.buckets), self.pad_id)
+        if len(indices) != self.batch_size:
+            raise ConfigError(f"a short batch ({len(indices)} of {self.batch_size} rows) cannot be split over hosts")
+        lo, hi = self.host_rows
+        length = bucket_for(int(self.lengths[np.asarray(indices)].max()), self.buckets)
+        return collate([self.examples[i] for i in indices[lo:hi]], length, self.pad_id)

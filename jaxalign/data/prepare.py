@@ -8,14 +8,15 @@ from typing import Any
 from jaxalign.data.encode import EncodedExample, Encoder
 from jaxalign.data.formats import Example, normalize_rows
 from jaxalign.data.loading import load_dataset_rows, split_rows
+from jaxalign.data.shards import EncodedRows, HostShard, encode_rows, this_host
 
 
 @dataclass
 class PreparedData:
-    """Encoded train and validation examples, and what was dropped on the way."""
+    """Encoded train and validation examples, and what was dropped on the way (over all hosts)."""
 
-    train: list[EncodedExample]
-    val: list[EncodedExample]
+    train: EncodedRows | list[EncodedExample]
+    val: EncodedRows | list[EncodedExample]
     stats: dict[str, int] = field(default_factory=dict)
 
 
@@ -41,12 +42,14 @@ def prepare_data(
     truncation_strategy: str | None = None,
     loss_scale: str = "last_round",
     ignore_bad_rows: bool = False,
+    shard: HostShard | None = None,
 ) -> PreparedData:
     """Load, validate, split (``--split_dataset_ratio`` unless ``--val_dataset``) and encode.
 
     ``stats`` counts ``bad_rows`` (skipped under ``ignore_bad_rows``), ``deleted_too_long``
     (``truncation_strategy`` delete), ``no_loss_tokens`` (truncation left no trained token),
-    and the final ``train`` and ``val`` sizes.
+    and the final ``train`` and ``val`` sizes. On several hosts each tokenises only its ``shard`` of the rows up
+    front (see :mod:`jaxalign.data.shards`); the result is the same on every host.
     """
     encoder = Encoder(
         tokenizer,
@@ -63,8 +66,9 @@ def prepare_data(
         bad += bad_val
     else:
         train_ex, val_ex = split_rows(train_ex, split_dataset_ratio, data_seed)
-    train, s_train = encoder.encode_all(train_ex)
-    val, s_val = encoder.encode_all(val_ex)
+    shard = this_host() if shard is None else shard
+    train, s_train = encode_rows(encoder, train_ex, shard)
+    val, s_val = encode_rows(encoder, val_ex, shard)
     stats = {
         "bad_rows": bad,
         "deleted_too_long": s_train.deleted_too_long + s_val.deleted_too_long,

@@ -70,3 +70,23 @@ def say(message: str) -> None:
     """Print a status line on process 0 only (every host runs the same command; one copy is enough)."""
     if jax.process_index() == 0:
         print(message, flush=True)
+
+
+def host_rows(mesh, batch_size: int) -> tuple[int, int] | None:
+    """The rows ``lo:hi`` of a ``batch_size``-row batch sharded over (data, fsdp) that this host's devices hold, or
+    None when they are not one contiguous block (each host then builds the whole batch)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+    spans = {(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+             for s in sharding.addressable_devices_indices_map((batch_size,)).values()}
+    lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
+    covered = sum(b - a for a, b in spans)
+    return (lo, hi) if covered == hi - lo else None
+
+
+def count_over_hosts(count: int) -> int:
+    """An integer count (below 2**31) summed over every process (a collective: every host must call it)."""
+    if jax.process_count() == 1:
+        return int(count)
+    return int(np.sum(multihost_utils.process_allgather(np.asarray(int(count), np.int32))))

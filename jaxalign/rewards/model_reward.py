@@ -14,7 +14,10 @@ from jaxalign.parallel.activations import mesh_context
 
 
 class RewardModelReward:
-    """Scores prompt + completion token ids with a RewardModel; one compilation per padded length."""
+    """Scores prompt + completion token ids with a RewardModel; one compilation per padded length. It runs sharded
+    over the mesh, so on several hosts every host calls it with every row (``collective``)."""
+
+    collective = True
 
     def __init__(self, model, name: str = "reward_model", mesh=None):
         self.name = name

@@ -72,29 +72,30 @@ def _to_floats(name: str, values: Any, n: int) -> np.ndarray:
     return out
 
 
-def score_completions(
-    funcs: Sequence[tuple[str, RewardFunc]],
-    weights: Sequence[float] | None,
-    completions: Sequence[str],
-    columns: Mapping[str, Any] | None = None,
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Score ``completions``: returns (weighted total [N] float32, {name: rewards [N] float32}).
-
-    Each function is called as ``f(completions, **columns)``. One that raises, or returns the wrong
-    number of values or a non-number, raises :class:`JaxalignError` naming it (and the first failing row).
-    """
-    columns = {} if columns is None else columns
+def check_weights(funcs: Sequence[tuple[str, RewardFunc]], weights: Sequence[float] | None) -> list[float]:
+    """``--reward_weights`` (default all 1.0), one per function."""
     if weights is None:
-        weights = [1.0] * len(funcs)
+        return [1.0] * len(funcs)
     if len(weights) != len(funcs):
         raise ConfigError(
             f"--reward_weights has {len(weights)} values for {len(funcs)} reward functions "
             f"({', '.join(name for name, _ in funcs)}); give one weight per function"
         )
+    return [float(w) for w in weights]
+
+
+def reward_values(
+    funcs: Sequence[tuple[str, RewardFunc]], completions: Sequence[str], columns: Mapping[str, Any] | None = None
+) -> dict[str, np.ndarray]:
+    """Each function's rewards for ``completions``: {name: [N] float32}, NaN where it returned None.
+
+    Each function is called as ``f(completions, **columns)``. One that raises, or returns the wrong
+    number of values or a non-number, raises :class:`JaxalignError` naming it (and the first failing row).
+    """
+    columns = {} if columns is None else columns
     n = len(completions)
     per_func: dict[str, np.ndarray] = {}
-    total = np.zeros(n, dtype=np.float64)
-    for (name, func), weight in zip(funcs, weights):
+    for name, func in funcs:
         try:
             values = func(list(completions), **columns)
         except JaxalignError:
@@ -105,10 +106,29 @@ def score_completions(
                 raise JaxalignError(f"reward function '{name}' failed: {short_error(err)}") from err
             row, row_err = failing
             raise JaxalignError(f"reward function '{name}' failed on row {row}: {short_error(row_err)}") from err
-        rewards = _to_floats(name, values, n)
-        per_func[name] = rewards.astype(np.float32)
-        total += np.nan_to_num(rewards * float(weight), nan=0.0)
-    return total.astype(np.float32), per_func
+        per_func[name] = _to_floats(name, values, n).astype(np.float32)
+    return per_func
+
+
+def weighted_total(per_func: Mapping[str, np.ndarray], names: Sequence[str], weights: Sequence[float]) -> np.ndarray:
+    """``nansum_k(weight_k * reward_k)`` in ``names`` order, accumulated in float64: [N] float32."""
+    total = np.zeros(len(next(iter(per_func.values()))) if per_func else 0, dtype=np.float64)
+    for name, weight in zip(names, weights):
+        total += np.nan_to_num(per_func[name].astype(np.float64) * float(weight), nan=0.0)
+    return total.astype(np.float32)
+
+
+def score_completions(
+    funcs: Sequence[tuple[str, RewardFunc]],
+    weights: Sequence[float] | None,
+    completions: Sequence[str],
+    columns: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Score ``completions``: returns (weighted total [N] float32, {name: rewards [N] float32}) (see
+    :func:`reward_values`)."""
+    weights = check_weights(funcs, weights)
+    per_func = reward_values(funcs, completions, columns)
+    return weighted_total(per_func, [name for name, _ in funcs], weights), per_func
 
 
 def reward_metrics(per_func: Mapping[str, np.ndarray]) -> dict[str, float]:

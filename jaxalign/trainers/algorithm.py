@@ -21,7 +21,7 @@ from jaxalign.convert import load_any_model, save_hf_model
 from jaxalign.data.batching import make_buckets, stack_micro_batches
 from jaxalign.data.tokenizer import stop_token_ids
 from jaxalign.errors import ConfigError
-from jaxalign.parallel.distributed import host_array
+from jaxalign.parallel.distributed import count_over_hosts, host_array
 from jaxalign.rollout import generate
 from jaxalign.trainers.tuner import export_adapter, lora_reference
 
@@ -32,6 +32,7 @@ class AlgorithmBase:
     name = "base"
     curve_keys: tuple[str, ...] = ("loss",)
     progress_keys: tuple[str, ...] = ("loss",)
+    per_host_batches = False  # rollouts sample from every host's prompts together
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -95,7 +96,10 @@ class AlgorithmBase:
 
 
 class OfflineAlgorithm(AlgorithmBase):
-    """Trains on the dataset's rows: one optimizer step per ``gradient_accumulation_steps`` micro-batches."""
+    """Trains on the dataset's rows: one optimizer step per ``gradient_accumulation_steps`` micro-batches, each
+    host reading only the rows its devices train on."""
+
+    per_host_batches = True
 
     def default_accumulation(self, micro_batch: int) -> int:
         # ms-swift: enough micro-batches for a total batch of at least 16 rows.
@@ -129,8 +133,10 @@ class OfflineAlgorithm(AlgorithmBase):
         micros = self.next_batch(trainer)
         metrics = trainer.step_on(micros)
         self.after_step(metrics)
-        tokens = sum(float(v.sum()) for m in micros for k, v in m.items() if k.endswith("attention_mask"))
-        return {**metrics, "num_tokens": tokens}
+        tokens = sum(int(v.sum()) for m in micros for k, v in m.items() if k.endswith("attention_mask"))
+        if trainer.batches.host_rows is not None:  # this host's rows only
+            tokens = count_over_hosts(tokens)
+        return {**metrics, "num_tokens": float(tokens)}
 
     def after_step(self, metrics: dict[str, float]) -> None:
         pass

@@ -19,7 +19,8 @@ import numpy as np
 
 from jaxalign.errors import ConfigError
 from jaxalign.losses import group_advantages
-from jaxalign.rewards import build_reward_funcs, score_completions, split_names
+from jaxalign.rewards import build_reward_funcs, split_names
+from jaxalign.rewards.host_scoring import score_on_hosts
 from jaxalign.rewards.model_reward import RewardModelReward
 from jaxalign.trainers.algorithm import RolloutAlgorithm
 from jaxalign.trainers.grpo_step import GRPOUpdate
@@ -161,7 +162,7 @@ class GRPO(RolloutAlgorithm):
         columns["prompt_ids"] = [
             prompt_ids[i // self.G][prompt_mask[i // self.G] > 0].tolist() for i in range(tokens.shape[0])
         ]
-        return score_completions(self.reward_funcs, self.reward_weights, texts, columns)
+        return score_on_hosts(self.reward_funcs, self.reward_weights, texts, columns)
 
     def generation_batch_arrays(self, trainer, prompt_batch):
         """One generation with (optional) DAPO dynamic sampling: arrays for the update and metrics."""

@@ -27,6 +27,7 @@ from jaxalign.models.attention import check_impl
 from jaxalign.models.decoder import set_attn_impl, set_remat
 from jaxalign.models.lora import cast_frozen, trainable_summary
 from jaxalign.parallel.activations import mesh_context
+from jaxalign.parallel.distributed import host_rows
 from jaxalign.convert.checkpoint_io import read_meta
 from jaxalign.trainers.checkpoint import (
     CheckpointWriter,
@@ -67,6 +68,7 @@ class Algorithm(Protocol):
     name: str  # the rlhf_type ("sft" for SFT): its registry entry and data kind
     lora: Any  # LoRASettings under --tuner_type lora, else None
     curve_keys: tuple[str, ...]  # curves.png panels
+    per_host_batches: bool  # each host builds only its devices' rows of a data batch (else every host all rows)
     progress_keys: tuple[str, ...]  # shown on the progress bar
 
     def prepare_model(self, model: nnx.Module, mesh, tokenizer) -> nnx.Module: ...
@@ -118,6 +120,16 @@ class Hook:
         return step % self.every == 0 or (self.at_end and step == total) or (self.at_start and step == 1)
 
 
+def hosts_summary(rows, batches: BatchIterator, micro_batch: int) -> str:
+    """What process 0 read and builds, on several hosts."""
+    share = getattr(rows, "encoded_here", len(rows))
+    out = f"{jax.process_count()} hosts; this one tokenised {share} of {len(rows)} training rows up front"
+    if batches.host_rows is None:
+        return out + "; every host builds whole batches"
+    lo, hi = batches.host_rows
+    return out + f" and builds rows {lo}:{hi} of each {micro_batch}-row batch"
+
+
 class Trainer:
     """Runs one algorithm from a loaded model and prepared data to checkpoints and an export."""
 
@@ -134,10 +146,13 @@ class Trainer:
         self.eval_batch = cfg.per_device_eval_batch_size * self.data_parallel
         self.buckets = make_buckets(cfg.max_length, buckets=parse_buckets(cfg.length_buckets))
         try:
-            self.batches = BatchIterator(data.train, algorithm.rows_per_batch(self), self.buckets,
-                                         seed=cfg.data_seed, pad_id=self.pad_id)
+            rows = algorithm.rows_per_batch(self)
+            self.batches = BatchIterator(data.train, rows, self.buckets, seed=cfg.data_seed, pad_id=self.pad_id,
+                                         host_rows=self._host_rows(rows))
         except ConfigError as e:  # too few rows: name the dataset
             raise ConfigError(f"--dataset {cfg.dataset}: {e}") from None
+        if jax.process_count() > 1 and self.main_process:
+            print("jaxalign: " + hosts_summary(data.train, self.batches, self.micro_batch), flush=True)
         self.total_steps = algorithm.total_steps(self)
         self.optimizer, self.schedule = build_optimizer(cfg, algorithm.optimizer_steps(self.total_steps))
         self.state = create_train_state(params, self.optimizer, mesh, cfg.seed)
@@ -158,6 +173,23 @@ class Trainer:
     def _batch_shardings(self, batch: dict):
         return {k: accumulation_sharding(self.mesh, v.ndim) for k, v in batch.items()}
 
+    def _host_rows(self, rows: int) -> tuple[int, int] | None:
+        """This host's rows of a ``rows``-row data batch when the algorithm builds per-host batches."""
+        return host_rows(self.mesh, rows) if self.algo.per_host_batches else None
+
+    def place(self, batch: dict, rows: int | None = None) -> dict:
+        """Stacked [A, b, ...] numpy arrays on the mesh: the whole batch as it is, or with ``rows`` (the global
+        micro-batch) this host's share (its ``host_rows``) joined with the other hosts' into [A, rows, ...]."""
+        shardings = self._batch_shardings(batch)
+        if rows is None:
+            return jax.device_put(batch, shardings)
+        return {k: jax.make_array_from_process_local_data(shardings[k], v, (v.shape[0], rows, *v.shape[2:]))
+                for k, v in batch.items()}
+
+    def _data_rows(self) -> int | None:
+        """The global micro-batch when the data batches hold this host's rows only, else None (whole batches)."""
+        return self.micro_batch if self.batches.host_rows is not None else None
+
     def _step_function(self, batch: dict, extra):
         if self.step_fn is None:
             fn = build_train_step(self.graphdef, self.rest, self.algo.loss_fn, self.algo.totals_fn, self.optimizer,
@@ -169,7 +201,7 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         """One optimizer step on a stacked [A, B, ...] numpy batch; returns device metrics."""
         extra = self.algo.extra()
-        batch = jax.device_put(batch, self._batch_shardings(batch))
+        batch = self.place(batch, self._data_rows())
         # Traced (and run) under the mesh: the model's activation constraints apply (parallel.activations).
         with mesh_context(self.mesh):
             self.state, metrics = self._step_function(batch, extra)(self.state, batch, extra)
@@ -179,7 +211,7 @@ class Trainer:
         """The compiled step's ``jax.stages.Lowered`` for a stacked batch like ``train_step``'s (inspection:
         ``.compile().as_text()``, ``.memory_analysis()``); runs nothing."""
         extra = self.algo.extra()
-        batch = jax.device_put(batch, self._batch_shardings(batch))
+        batch = self.place(batch, self._data_rows())
         with mesh_context(self.mesh):
             return self._step_function(batch, extra).lower(self.state, batch, extra)
 
@@ -192,7 +224,8 @@ class Trainer:
         """Mean metrics over the validation set (full batches only), prefixed ``eval_``."""
         if not self.data.val:
             return {}
-        it = BatchIterator(self.data.val, self.eval_batch, self.buckets, seed=0, pad_id=self.pad_id, drop_last=False)
+        it = BatchIterator(self.data.val, self.eval_batch, self.buckets, seed=0, pad_id=self.pad_id, drop_last=False,
+                           host_rows=self._host_rows(self.eval_batch))
         extra = self.algo.extra()
         if self.eval_fn is None:
             fn = build_eval_step(self.graphdef, self.rest, self.algo.loss_fn, self.algo.totals_fn)
@@ -209,7 +242,8 @@ class Trainer:
                 continue
             batch = stack_micro_batches([it.make_batch(idx)], self.pad_id)
             with mesh_context(self.mesh):
-                m = self.eval_fn(self.state.params, jax.device_put(batch, self._batch_shardings(batch)), extra)
+                batch = self.place(batch, self.eval_batch if it.host_rows is not None else None)
+                m = self.eval_fn(self.state.params, batch, extra)
             m = jax.device_get(m)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + float(v)

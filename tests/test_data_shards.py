@@ -1,0 +1,114 @@
+"""Each host tokenises one shard (issue 22): two hosts, run as threads joined by a barrier all-gather, end with the
+kept rows, lengths and drop counts of one host encoding everything; each encodes only its shard up front and
+then only the rows of its own batch slots; their per-host batches put together are the one-host batches."""
+
+import os
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from helpers import tokenizer  # noqa: E402
+
+from jaxalign.data import BatchIterator, Encoder, Example  # noqa: E402
+from jaxalign.data.shards import HostShard, encode_rows  # noqa: E402
+from jaxalign.errors import DataError  # noqa: E402
+
+
+def conv(prompt, reply):
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+
+
+def examples(n=41):
+    """SFT rows of varied length; every 7th too long for max_length 40 (deleted)."""
+    rows = []
+    for i in range(n):
+        reply = "9" * (60 if i % 7 == 3 else 1 + i % 9)
+        rows.append(Example(conv(f"{i}+{i}=", reply), f"d.jsonl line {i + 1}"))
+    return rows
+
+
+class CountingEncoder(Encoder):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.rows: list[str] = []
+
+    def encode(self, ex, stats=None):
+        self.rows.append(ex.where)
+        return super().encode(ex, stats)
+
+
+def run_hosts(count, fn):
+    """``fn(shard)`` on ``count`` threads whose ``gather`` is a real all-gather between them."""
+    barrier, slots, results, errors = threading.Barrier(count, timeout=60), [None] * count, [None] * count, [None] * count
+
+    def host(i):
+        def gather(x):
+            slots[i] = np.asarray(x)
+            barrier.wait()
+            out = np.stack(slots)
+            barrier.wait()
+            return out
+
+        try:
+            results[i] = fn(HostShard(i, count, gather))
+        except Exception as e:  # noqa: BLE001 - returned to the test
+            errors[i] = e
+
+    threads = [threading.Thread(target=host, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
+def encoder():
+    return CountingEncoder(tokenizer(), kind="sft", max_length=40, truncation_strategy="delete")
+
+
+def test_two_hosts_know_every_row_and_encode_their_share():
+    exs = examples()
+    whole, whole_stats = encoder().encode_all(exs)
+    assert whole_stats.deleted_too_long == 6  # rows 3, 10, ..., 38
+
+    encoders = [encoder(), encoder()]
+    results, errors = run_hosts(2, lambda shard: encode_rows(encoders[shard.index], exs, shard))
+    assert errors == [None, None]
+    for host, (rows, stats) in enumerate(results):
+        assert (stats.encoded, stats.deleted_too_long, stats.no_loss_tokens) == (len(whole), 6, 0)
+        assert rows.lengths.tolist() == [ex.length for ex in whole]
+        # up front: only its own shard, rows host, host + 2, ...
+        assert encoders[host].rows == [f"d.jsonl line {i + 1}" for i in range(host, len(exs), 2)]
+
+    batch, slots = 6, [(0, 3), (3, 6)]
+    one = BatchIterator(whole, batch, [16, 32, 40], seed=3)
+    hosts = [BatchIterator(results[h][0], batch, [16, 32, 40], seed=3, host_rows=slots[h]) for h in range(2)]
+    steps = len(one) + 2  # into the second epoch
+    needed = [set(), set()]
+    for _ in range(steps):
+        plan = one.epoch_plan(one.epoch)
+        idx = plan[one.position] if one.position < len(plan) else one.epoch_plan(one.epoch + 1)[0]
+        want = next(one)
+        for h, it in enumerate(hosts):
+            needed[h] |= {whole[i].where for i in idx[slots[h][0] : slots[h][1]]}
+        parts = [next(it) for it in hosts]
+        for key in want:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), want[key], err_msg=key)
+    for h in range(2):
+        own = {f"d.jsonl line {i + 1}" for i in range(h, len(exs), 2)}
+        assert set(encoders[h].rows[len(own):]) == needed[h] - own  # later: only its slots' rows from other shards
+
+
+def test_a_row_that_fails_raises_on_every_host():
+    exs = examples(6)
+    exs[3] = Example([{"role": "assistant", "content": "no prompt"}], "d.jsonl line 4")
+    with pytest.raises(Exception) as one:
+        encoder().encode_all(exs)
+    _, errors = run_hosts(2, lambda shard: encode_rows(encoder(), exs, shard))
+    for e in errors:  # row 3 belongs to host 1; host 0 raises the same error for it
+        assert e is not None and type(e) is type(one.value) and str(e) == str(one.value), e
+    assert isinstance(one.value, DataError)
