@@ -61,6 +61,10 @@ def flags(inputs, algo: str) -> list[str]:
         return ["sft", "--dataset", inputs["sft"], "--val_dataset", inputs["sft_val"], "--eval_steps", "1", *common]
     if algo == "dpo":
         return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], *common]
+    if algo == "dpo_precomputed":
+        return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], "--precompute_ref_log_probs", "true", *common]
+    if algo == "rm":
+        return ["rlhf", "--rlhf_type", "rm", "--dataset", inputs["dpo"], *common]
     rollout = ["--dataset", inputs["prompts"], "--max_completion_length", "5", "--temperature", "0.9"]
     if algo == "grpo":
         return ["rlhf", "--rlhf_type", "grpo", *rollout, "--reward_funcs", "accuracy,format,rows_seen",
@@ -114,7 +118,7 @@ def exported(out: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-@pytest.mark.parametrize("algo", ["sft", "dpo", "grpo", "ppo"])
+@pytest.mark.parametrize("algo", ["sft", "dpo", "dpo_precomputed", "rm", "grpo", "ppo"])
 def test_two_hosts_equal_one(inputs, algo):
     root = inputs["root"]
     args = [*flags(inputs, algo), "--max_steps", str(STEPS), "--save_steps", "1000"]
@@ -130,13 +134,19 @@ def test_two_hosts_equal_one(inputs, algo):
                                    rtol=1e-5, atol=1e-6)
     a, b = exported(root / f"{algo}_one"), exported(root / f"{algo}_two")
     assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for k in a:  # 1e-5 as the issue asks: Adam turns reduction-order noise in a near-zero gradient into ~4e-6 (RM)
+        if algo == "rm" and k.endswith("summary.bias"):
+            # The pairwise loss does not depend on the head's bias: its gradient is 0 up to rounding, whose sign
+            # Adam turns into a step of +-learning_rate (TRL's value head does the same); it stays within 2 steps.
+            assert abs(float(b[k][0])) <= 2.1e-3 and abs(float(a[k][0])) <= 2.1e-3
+            continue
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5, err_msg=k)
     # One copy of the status lines: process 0 prints them, process 1 does not.
     assert "jaxalign: finished" in runs[0].stdout and "jaxalign: data" in runs[0].stdout
     assert "jaxalign: finished" not in runs[1].stdout and "jaxalign: data" not in runs[1].stdout
     # Process 0 tokenised its half of the 16 rows; SFT and DPO build only its devices' half of each batch.
-    builds = "rows 0:4 of each 8-row batch" if algo in ("sft", "dpo") else "every host builds whole batches"
+    per_host = algo in ("sft", "dpo", "dpo_precomputed", "rm")
+    builds = "rows 0:4 of each 8-row batch" if per_host else "every host builds whole batches"
     assert "2 hosts; this one tokenised 8 of 16 training rows up front" in runs[0].stdout
     assert builds in runs[0].stdout, runs[0].stdout
     if algo == "grpo":  # each host ran the Python reward functions on its 8 of the 16 completions

@@ -19,6 +19,8 @@ from jaxalign.data.batching import BatchIterator
 from jaxalign.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from jaxalign.losses.preference import LENGTH_AVERAGED, clear_wins, preference_loss_types
 from jaxalign.parallel.activations import mesh_context
+from jaxalign.parallel.distributed import host_array
+from jaxalign.parallel.rules import batch_sharding
 from jaxalign.trainers.algorithm import OfflineAlgorithm
 from jaxalign.trainers.logprobs import masked_row_sums, predicting_positions, sequence_logps, token_stats
 
@@ -220,8 +222,9 @@ class PairPreference(OfflineAlgorithm):
             idx = list(idx)
             padded = idx + [idx[-1]] * (bs - len(idx))  # keep one shape per bucket
             batch = {k: v for k, v in it.make_batch(padded).items() if k != "margin"}
+            batch = jax.device_put(batch, {k: batch_sharding(trainer.mesh, v.ndim) for k, v in batch.items()})
             with mesh_context(trainer.mesh):
-                sums = np.asarray(ref_logps(ref, batch))
+                sums = host_array(ref_logps(ref, batch))  # every host: the sums span all of them
             for j, i in enumerate(idx):
                 out[i] = dataclasses.replace(
                     examples[i], ref_chosen_logps=float(sums[j]), ref_rejected_logps=float(sums[bs + j])
