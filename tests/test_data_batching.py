@@ -196,3 +196,25 @@ def test_host_rows_split_each_global_batch():
             assert np.array_equal(np.concatenate([p[key] for p in parts]), whole[key])
     with pytest.raises(ConfigError, match="cannot be split over hosts"):
         BatchIterator(exs, 4, [16], seed=0, drop_last=False, host_rows=(0, 2)).make_batch([0, 1, 2])
+
+
+def test_kto_host_rows_take_partners_from_the_whole_batch():
+    """KTO split over 2 hosts: each host's rows and KL rows equal its half of the whole batch, including the
+    padded length, which a long prompt paired with a long completion of another row sets."""
+    rng = np.random.default_rng(0)
+    exs = []
+    for i in range(24):
+        prompt, completion = (2 + 9 * (i % 2), 2) if i % 3 else (2, 9)  # long prompts, long completions apart
+        exs.append(KTOExample(rng.integers(5, 60, prompt).astype(np.int32),
+                              rng.integers(5, 60, completion).astype(np.int32), bool(i % 2)))
+    full = BatchIterator(exs, 4, [8, 16, 32], seed=1)
+    hosts = [BatchIterator(exs, 4, [8, 16, 32], seed=1, host_rows=(2 * h, 2 * h + 2)) for h in range(2)]
+    lengths = set()
+    for _ in range(len(full)):
+        whole = next(full)
+        parts = [next(h) for h in hosts]
+        lengths.add(whole["input_ids"].shape[1])
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key], err_msg=key)
+    # rows hold at most 13 tokens (bucket 16); a KL pair of an 11-token prompt and a 9-token completion holds 20
+    assert lengths == {8, 32}

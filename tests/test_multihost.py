@@ -16,7 +16,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from jaxalign.convert.value_head_io import save_reward_model
-from jaxalign.demo import make_addition_rows, make_preference_rows, make_prompt_rows
+from jaxalign.demo import make_addition_rows, make_kto_rows, make_preference_rows, make_prompt_rows
 from jaxalign.models.value_head import new_reward_model
 from helpers import make_model_dir, read_jsonl, write_jsonl
 
@@ -50,6 +50,7 @@ def inputs(tmp_path_factory):
         "sft": write_jsonl(root / "sft.jsonl", make_addition_rows(16, seed=1, digits=(1, 2))),
         "sft_val": write_jsonl(root / "sft_val.jsonl", make_addition_rows(12, seed=7, digits=(1, 2))),
         "dpo": write_jsonl(root / "dpo.jsonl", make_preference_rows(16, seed=2)),
+        "kto": write_jsonl(root / "kto.jsonl", make_kto_rows(16, seed=4)),
         "prompts": write_jsonl(root / "prompts.jsonl", make_prompt_rows(16, seed=5, digits=(1, 2))),
     }
 
@@ -63,6 +64,8 @@ def flags(inputs, algo: str) -> list[str]:
         return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], *common]
     if algo == "dpo_precomputed":
         return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], "--precompute_ref_log_probs", "true", *common]
+    if algo == "kto":
+        return ["rlhf", "--rlhf_type", "kto", "--dataset", inputs["kto"], *common]
     if algo == "rm":
         return ["rlhf", "--rlhf_type", "rm", "--dataset", inputs["dpo"], *common]
     rollout = ["--dataset", inputs["prompts"], "--max_completion_length", "5", "--temperature", "0.9"]
@@ -118,7 +121,7 @@ def exported(out: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-@pytest.mark.parametrize("algo", ["sft", "dpo", "dpo_precomputed", "rm", "grpo", "ppo"])
+@pytest.mark.parametrize("algo", ["sft", "dpo", "dpo_precomputed", "kto", "rm", "grpo", "ppo"])
 def test_two_hosts_equal_one(inputs, algo):
     root = inputs["root"]
     args = [*flags(inputs, algo), "--max_steps", str(STEPS), "--save_steps", "1000"]
@@ -145,7 +148,7 @@ def test_two_hosts_equal_one(inputs, algo):
     assert "jaxalign: finished" in runs[0].stdout and "jaxalign: data" in runs[0].stdout
     assert "jaxalign: finished" not in runs[1].stdout and "jaxalign: data" not in runs[1].stdout
     # Process 0 tokenised its half of the 16 rows; SFT and DPO build only its devices' half of each batch.
-    per_host = algo in ("sft", "dpo", "dpo_precomputed", "rm")
+    per_host = algo in ("sft", "dpo", "dpo_precomputed", "kto", "rm")
     builds = "rows 0:4 of each 8-row batch" if per_host else "every host builds whole batches"
     assert "2 hosts; this one tokenised 8 of 16 training rows up front" in runs[0].stdout
     assert builds in runs[0].stdout, runs[0].stdout

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign.data.collate import collate, required_length
-from jaxalign.data.encode import EncodedExample
+from jaxalign.data.collate import collate, collate_kto_rows, kl_rotation, required_length
+from jaxalign.data.encode import EncodedExample, KTOExample
 from jaxalign.errors import ConfigError
 
 
@@ -86,7 +86,8 @@ class BatchIterator:
     is yielded short. ``host_rows=(lo, hi)`` makes each (full) batch hold only rows ``lo:hi`` of the global batch (this
     host's slots): only those rows are read from ``examples``, and the padded length comes from every row's
     length (``examples.lengths`` when it has them, see :class:`jaxalign.data.shards.EncodedRows`), so all hosts
-    agree on shapes. KTO batches need every row (their KL pairs cross the batch), so they are always global.
+    agree on shapes. A KTO row's KL pair takes the completion of the row before it in the whole batch, so a
+    host reads those partner rows too, and the padded length counts every pair (from ``prompt_lengths``).
     """
 
     def __init__(
@@ -111,6 +112,12 @@ class BatchIterator:
         self.host_rows = None if host_rows is None or tuple(host_rows) == (0, self.batch_size) else tuple(host_rows)
         lengths = getattr(examples, "lengths", None)
         self.lengths = np.asarray(lengths if lengths is not None else [ex.length for ex in examples], np.int64)
+        # KTO: each row's prompt length too, for the length of its KL pair (prompt i + completion i-1)
+        self.prompt_lengths = None
+        if len(self.lengths) and isinstance(examples[0], KTOExample):
+            prompts = getattr(examples, "prompt_lengths", None)
+            self.prompt_lengths = np.asarray(
+                prompts if prompts is not None else [ex.prompt_ids.shape[0] for ex in examples], np.int64)
         self._bucket_of = np.asarray([bucket_for(int(n), self.buckets) for n in self.lengths], dtype=np.int64)
         self.epoch = 0
         self.position = 0
@@ -172,5 +179,13 @@ class BatchIterator:
         if len(indices) != self.batch_size:
             raise ConfigError(f"a short batch ({len(indices)} of {self.batch_size} rows) cannot be split over hosts")
         lo, hi = self.host_rows
-        length = bucket_for(int(self.lengths[np.asarray(indices)].max()), self.buckets)
-        return collate([self.examples[i] for i in indices[lo:hi]], length, self.pad_id)
+        idx = np.asarray(indices)
+        longest = int(self.lengths[idx].max())
+        if self.prompt_lengths is None:
+            return collate([self.examples[i] for i in idx[lo:hi]], bucket_for(longest, self.buckets), self.pad_id)
+        # KTO, as required_length counts it: every row and every KL pair of the whole batch
+        partner = idx[kl_rotation(len(idx))]
+        kl = self.prompt_lengths[idx] + self.lengths[partner] - self.prompt_lengths[partner]
+        length = bucket_for(max(longest, int(np.minimum(kl, self.buckets[-1]).max())), self.buckets)
+        rows = [self.examples[i] for i in idx[lo:hi]]
+        return collate_kto_rows(rows, [self.examples[i] for i in partner[lo:hi]], length, self.pad_id)

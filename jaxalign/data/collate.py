@@ -93,11 +93,15 @@ def _kto_seq(prompt: np.ndarray, completion: np.ndarray) -> tuple[np.ndarray, np
 
 def collate_kto(examples: Sequence[KTOExample], length: int, pad_id: int) -> dict[str, np.ndarray]:
     """KTO batch plus the mismatched KL batch (prompt i, completion (i-1) mod B), cut to ``length``."""
+    return collate_kto_rows(examples, [examples[j] for j in kl_rotation(len(examples))], length, pad_id)
+
+
+def collate_kto_rows(examples: Sequence[KTOExample], partners: Sequence[KTOExample], length: int,
+                     pad_id: int) -> dict[str, np.ndarray]:
+    """KTO rows plus their KL rows (prompt of ``examples[i]``, completion of ``partners[i]``), cut to ``length``:
+    a host building only some rows of a batch passes each row's partner in the whole batch."""
     out = _pad_right([_kto_seq(ex.prompt_ids, ex.completion_ids) for ex in examples], length, pad_id)
-    rot = kl_rotation(len(examples))
-    kl = _pad_right(
-        [_kto_seq(ex.prompt_ids, examples[j].completion_ids) for ex, j in zip(examples, rot)], length, pad_id
-    )
+    kl = _pad_right([_kto_seq(ex.prompt_ids, p.completion_ids) for ex, p in zip(examples, partners)], length, pad_id)
     out["label"] = np.asarray([ex.label for ex in examples], dtype=bool)
     out.update({f"kl_{k}": v for k, v in kl.items()})
     return out

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxalign.data.encode import EncodedExample, Encoder, EncodeStats
+from jaxalign.data.encode import EncodedExample, Encoder, EncodeStats, KTOExample
 from jaxalign.data.formats import Example
 from jaxalign.errors import DataError
 
@@ -52,9 +52,10 @@ class EncodedRows(Sequence):
     every row's length; a row is encoded when read unless this host encoded it already (its shard)."""
 
     def __init__(self, examples: Sequence[Example], kept: np.ndarray, lengths: np.ndarray, encoder: Encoder,
-                 encoded: dict[int, EncodedExample]):
+                 encoded: dict[int, EncodedExample], prompt_lengths: np.ndarray | None = None):
         self._examples, self._kept, self.lengths = examples, kept, lengths
         self._encoder, self._encoded = encoder, encoded
+        self.prompt_lengths = prompt_lengths  # KTO rows: the prompt's share of each length (for the KL pairs)
 
     def __len__(self) -> int:
         return len(self._kept)
@@ -81,6 +82,7 @@ def encode_rows(encoder: Encoder, examples: Sequence[Example], shard: HostShard 
     demand outside the shard) with the drop counts over all hosts. A row that fails to encode raises the same
     error on every host (each re-encodes it to name it), so no host is left waiting for the others."""
     codes = np.zeros(len(examples), np.int64)
+    prompts = np.zeros(len(examples), np.int64)  # KTO rows' prompt lengths
     encoded: dict[int, EncodedExample] = {}
     for row in range(shard.index, len(examples), shard.count):
         stats = EncodeStats()
@@ -91,9 +93,12 @@ def encode_rows(encoder: Encoder, examples: Sequence[Example], shard: HostShard 
             continue
         if enc is not None:
             codes[row], encoded[row] = enc.length, enc
+            if isinstance(enc, KTOExample):
+                prompts[row] = enc.prompt_ids.shape[0]
         else:
             codes[row] = DELETED_TOO_LONG if stats.deleted_too_long else NO_LOSS_TOKENS
-    codes = shard.gather(codes).sum(axis=0)  # every row's code comes from its one owner; the rest add 0
+    # every row's code comes from its one owner; the rest add 0
+    codes, prompts = shard.gather(np.stack([codes, prompts])).sum(axis=0)
     failed = np.flatnonzero(codes == FAILED)
     if len(failed):
         encoder.encode(examples[int(failed[0])])  # raises the row's own error here too
@@ -101,4 +106,5 @@ def encode_rows(encoder: Encoder, examples: Sequence[Example], shard: HostShard 
     kept = np.flatnonzero(codes > 0)
     stats = EncodeStats(encoded=len(kept), deleted_too_long=int(np.sum(codes == DELETED_TOO_LONG)),
                         no_loss_tokens=int(np.sum(codes == NO_LOSS_TOKENS)))
-    return EncodedRows(examples, kept, codes[kept], encoder, encoded), stats
+    kto = encoder.kind == "kto"
+    return EncodedRows(examples, kept, codes[kept], encoder, encoded, prompts[kept] if kto else None), stats

@@ -40,7 +40,6 @@ class KTO(OfflineAlgorithm):
     """``--rlhf_type kto``: the reference is the starting model, or ``--ref_model``."""
 
     name = "kto"
-    per_host_batches = False  # a batch's KL pairs match each row with another row of the whole batch
     curve_keys = ("loss", "rewards/margins", "kl", "eval_loss")
 
     def __init__(self, cfg):
