@@ -4,7 +4,6 @@ then only the rows of its own batch slots; their per-host batches put together a
 
 import os
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from helpers import tokenizer  # noqa: E402
+from threaded_hosts import run_hosts  # noqa: E402
 
 from jaxalign.data import BatchIterator, Encoder, Example  # noqa: E402
 from jaxalign.data.shards import HostShard, encode_rows  # noqa: E402
@@ -41,31 +41,6 @@ class CountingEncoder(Encoder):
         return super().encode(ex, stats)
 
 
-def run_hosts(count, fn):
-    """``fn(shard)`` on ``count`` threads whose ``gather`` is a real all-gather between them."""
-    barrier, slots, results, errors = threading.Barrier(count, timeout=60), [None] * count, [None] * count, [None] * count
-
-    def host(i):
-        def gather(x):
-            slots[i] = np.asarray(x)
-            barrier.wait()
-            out = np.stack(slots)
-            barrier.wait()
-            return out
-
-        try:
-            results[i] = fn(HostShard(i, count, gather))
-        except Exception as e:  # noqa: BLE001 - returned to the test
-            errors[i] = e
-
-    threads = [threading.Thread(target=host, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, errors
-
-
 def encoder():
     return CountingEncoder(tokenizer(), kind="sft", max_length=40, truncation_strategy="delete")
 
@@ -76,7 +51,7 @@ def test_two_hosts_know_every_row_and_encode_their_share():
     assert whole_stats.deleted_too_long == 6  # rows 3, 10, ..., 38
 
     encoders = [encoder(), encoder()]
-    results, errors = run_hosts(2, lambda shard: encode_rows(encoders[shard.index], exs, shard))
+    results, errors = run_hosts(2, lambda i, n, gather: encode_rows(encoders[i], exs, HostShard(i, n, gather)))
     assert errors == [None, None]
     for host, (rows, stats) in enumerate(results):
         assert (stats.encoded, stats.deleted_too_long, stats.no_loss_tokens) == (len(whole), 6, 0)
@@ -108,7 +83,7 @@ def test_a_row_that_fails_raises_on_every_host():
     exs[3] = Example([{"role": "assistant", "content": "no prompt"}], "d.jsonl line 4")
     with pytest.raises(Exception) as one:
         encoder().encode_all(exs)
-    _, errors = run_hosts(2, lambda shard: encode_rows(encoder(), exs, shard))
+    _, errors = run_hosts(2, lambda i, n, gather: encode_rows(encoder(), exs, HostShard(i, n, gather)))
     for e in errors:  # row 3 belongs to host 1; host 0 raises the same error for it
         assert e is not None and type(e) is type(one.value) and str(e) == str(one.value), e
     assert isinstance(one.value, DataError)

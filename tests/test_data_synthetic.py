@@ -9,10 +9,12 @@ from jaxalign.demo.synthetic import (
     carries,
     exact_match,
     forgot_carry,
+    has_stray_space,
     make_addition_rows,
     make_kto_rows,
     make_preference_rows,
     make_prompt_rows,
+    make_style_pairs,
     near_miss,
 )
 from jaxalign.errors import ConfigError
@@ -64,6 +66,38 @@ def test_sloppy_teacher_forgets_the_carry_at_its_rate():
                make_addition_rows(300, seed=1, carry_slip=1.0) if carries(r["messages"][0]["content"]))
     with pytest.raises(ConfigError, match="carry_slip"):
         make_addition_rows(3, seed=1, carry_slip=1.5)
+
+
+def test_teacher_stray_space_at_its_rate_and_independent_of_the_slip():
+    plain = make_addition_rows(4000, seed=2, digits=(1, 2), carry_slip=0.7)
+    spaced = make_addition_rows(4000, seed=2, digits=(1, 2), carry_slip=0.7, stray_space=0.6)
+    said_plain = [r["messages"][1]["content"] for r in plain]
+    said = [r["messages"][1]["content"] for r in spaced]
+    # The same answers (slips included), some with one trailing space: the space draws its own random numbers.
+    assert [s.rstrip() for s in said] == said_plain
+    assert all(s in (p, p + " ") for s, p in zip(said, said_plain))
+    n = sum(s.endswith(" ") for s in said)
+    assert abs(n - 0.6 * 4000) < 5 * (4000 * 0.6 * 0.4) ** 0.5  # Binomial(4000, 0.6), 5 standard deviations
+    assert all(exact_match(s, r["solution"]) for s, r in zip(said, spaced) if s.rstrip() == r["solution"])
+    assert not any(r["messages"][1]["content"].endswith(" ") for r in make_addition_rows(300, seed=2))
+    with pytest.raises(ConfigError, match="stray_space"):
+        make_addition_rows(3, seed=1, stray_space=-0.1)
+
+
+def test_has_stray_space():
+    assert has_stray_space("85 ") and has_stray_space("85\n") and has_stray_space(" ")
+    assert not has_stray_space("85") and not has_stray_space(" 85") and not has_stray_space("")
+
+
+def test_style_pairs_differ_only_by_the_trailing_space():
+    pairs = make_style_pairs(30, seed=7, digits=(1, 2))
+    assert pairs == make_style_pairs(30, seed=7, digits=(1, 2))
+    for row in pairs:
+        a, b = map(int, row["messages"][0]["content"].rstrip("=").split("+"))
+        assert row["messages"][-1]["content"] == row["solution"] == str(a + b)
+        assert row["rejected_response"] == row["solution"] + " "
+    examples, bad = normalize_rows([Row(r, "syn", i) for i, r in enumerate(pairs)], "rm")
+    assert bad == 0 and len(examples) == 30
 
 
 def test_exclude_and_digits_limits():

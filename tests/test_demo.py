@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from jaxalign import cli
 
 
@@ -24,10 +26,21 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     teacher = summary["sft_teacher"]
     assert teacher["carry_slip"] == 0.7 and 1000 < teacher["rows_with_carry_forgotten"] < 1500
     rows = [json.loads(line) for line in (out / "data" / "sft_train.jsonl").read_text().splitlines()]
-    said_wrong = sum(r["messages"][-1]["content"] != r["solution"] for r in rows)
+    said_wrong = sum(r["messages"][-1]["content"].rstrip() != r["solution"] for r in rows)
     assert said_wrong == teacher["rows_with_carry_forgotten"]
+    # ... and ends about 60% of its answers with a space; the reward model's pairs are about that space.
+    spaced = sum(r["messages"][-1]["content"].endswith(" ") for r in rows)
+    assert teacher["stray_space"] == 0.6 and spaced == teacher["rows_with_stray_space"] and 2200 < spaced < 2600
+    pairs = [json.loads(line) for line in (out / "data" / "rm_pairs_train.jsonl").read_text().splitlines()]
+    assert all(p["rejected_response"] == p["messages"][-1]["content"] + " " for p in pairs)
     assert summary["sft"]["heldout_loss_after"] < summary["sft"]["heldout_loss_before"]
-    assert "heldout_rm_score_after" in summary["ppo"] and "heldout_preference_accuracy_after" in summary["rm"]
+    assert "heldout_preference_accuracy_after" in summary["rm"]
+    ppo = summary["ppo"]
+    assert ppo["heldout_rm_score_gain"] == ppo["heldout_rm_score_after"] - ppo["heldout_rm_score_before"]
+    assert ppo["heldout_stray_space_before"] == summary["sft"]["heldout_stray_space_after"]
+    assert {"approxkl_mean", "approxkl_max", "clipfrac_mean", "clipfrac_max", "rollout_kl_last"} <= set(ppo)
+    for when in ("before", "after"):
+        assert 0.0 <= ppo[f"heldout_sampled_stray_space_{when}"] <= 1.0 and f"heldout_sampled_rm_score_{when}" in ppo
     # curves.png is the whole demo: exact-match bars plus each stage's main curve, read from its log.
     from jaxalign.demo.figure import STAGE_CURVES, read_curve
 
@@ -47,6 +60,21 @@ def test_demo_runs_every_stage(tmp_path, capsys):
     assert cli.main(["demo", "--output_dir", str(other), "--sft_steps", "1"]) == 2
     assert (other / "keep.txt").exists()
     assert "not a jaxalign demo folder" in capsys.readouterr().err
+
+
+def test_ppo_movement_summarises_the_logged_updates():
+    from jaxalign.demo.pipeline import ppo_movement, stray_spaces
+
+    history = [
+        {"step": 5, "policy/approxkl_avg": 0.002, "policy/clipfrac_avg": 0.0, "objective/kl": 0.01},
+        {"step": 8, "loss": 1.0},  # a row without PPO metrics is skipped
+        {"step": 10, "policy/approxkl_avg": 0.004, "policy/clipfrac_avg": 0.03, "objective/kl": 0.07},
+    ]
+    moved = ppo_movement(history)
+    assert moved == pytest.approx({"approxkl_mean": 0.003, "approxkl_max": 0.004, "clipfrac_mean": 0.015,
+                                   "clipfrac_max": 0.03, "rollout_kl_last": 0.07})
+    assert ppo_movement([{"step": 1, "loss": 2.0}]) == {}
+    assert stray_spaces(["85 ", "85", "7 ", "102"]) == 0.5 and stray_spaces([]) == 0.0
 
 
 def test_carry_slips_counts_forgotten_carries_among_carry_sums():

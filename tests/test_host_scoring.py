@@ -8,6 +8,8 @@ import threading
 import numpy as np
 import pytest
 
+from threaded_hosts import run_hosts
+
 from jaxalign.errors import JaxalignError
 from jaxalign.rewards.host_scoring import host_share, score_on_hosts
 from jaxalign.rewards.scoring import score_completions
@@ -37,30 +39,6 @@ def length(completions, **_):
     return [len(c) / 10 for c in completions]
 
 
-def run_hosts(count, fn):
-    barrier, slots, results, errors = threading.Barrier(count, timeout=60), [None] * count, [None] * count, [None] * count
-
-    def host(i):
-        def gather(block):
-            slots[i] = np.asarray(block)
-            barrier.wait()
-            out = np.concatenate(slots)
-            barrier.wait()
-            return out
-
-        try:
-            results[i] = fn(i, count, gather)
-        except Exception as e:  # noqa: BLE001 - returned to the test
-            errors[i] = e
-
-    threads = [threading.Thread(target=host, args=(i,), name=f"host{i}") for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, errors
-
-
 def test_host_share_blocks():
     assert [host_share(8, i, 2) for i in range(2)] == [(0, 4), (4, 8)]
     assert host_share(9, 1, 2) == (0, 9)  # does not divide: every host scores every row
@@ -76,8 +54,10 @@ def test_two_hosts_score_their_rows_and_agree_with_one():
 
     plain, model = Recorder(bangs), Recorder(length, collective=True)
     funcs = [("bangs", plain), ("length", model)]
-    results, errors = run_hosts(2, lambda i, c, g: score_on_hosts(funcs, [1.0, 0.5], COMPLETIONS, columns,
-                                                                  share=host_share(8, i, c), gather=g))
+    results, errors = run_hosts(
+        2, lambda i, c, g: score_on_hosts(funcs, [1.0, 0.5], COMPLETIONS, columns, share=host_share(8, i, c), gather=g),
+        join=np.concatenate,
+    )
     assert errors == [None, None]
     for total, per_func in results:
         np.testing.assert_array_equal(total, want_total)
@@ -94,8 +74,10 @@ def test_a_failure_on_one_host_fails_both():
         return [0.0] * len(completions)
 
     funcs = [("late", fails_on_late_rows)]
-    _, errors = run_hosts(2, lambda i, c, g: score_on_hosts(funcs, None, COMPLETIONS, share=host_share(8, i, c),
-                                                            gather=g))
+    _, errors = run_hosts(
+        2, lambda i, c, g: score_on_hosts(funcs, None, COMPLETIONS, share=host_share(8, i, c), gather=g),
+        join=np.concatenate,
+    )
     assert isinstance(errors[1], JaxalignError) and "'late' failed on row 2: ValueError: bad row" in str(errors[1])
     assert isinstance(errors[0], JaxalignError) and "host scoring completion 4" in str(errors[0])
     with pytest.raises(JaxalignError, match="'late' failed on row 6"):

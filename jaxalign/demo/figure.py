@@ -13,6 +13,12 @@ STAGE_CURVES = {
     "grpo": ("reward", "GRPO: mean reward"),
     "ppo": ("objective/scores", "PPO: reward-model score"),
 }
+# A second curve on a stage's panel: (label of the main curve, label of the second, its run folder, its metric
+# or None for the main one's): the LoRA run of the same DPO; PPO's greedy answers to its fixed sample prompts.
+SECOND_CURVES = {
+    "dpo": ("full", "LoRA", "dpo_lora", None),
+    "ppo": ("rollouts (sampled)", "sample prompts (greedy)", "ppo", "eval/scores"),
+}
 EXACT_MATCH_STAGES = ("sft", "dpo", "dpo_lora", "grpo", "ppo")
 
 
@@ -53,11 +59,12 @@ def plot_demo(summary: dict, out: Path, path: Path) -> None:
     bars.legend(loc="upper left", fontsize=8)
     for ax, (stage, (key, title)) in zip([a for row in axes for a in row][1:], STAGE_CURVES.items()):
         steps, values = read_curve(out / stage / "logging.jsonl", key)
-        ax.plot(steps, values, marker=".", label="full")
-        if stage == "dpo":  # the LoRA run of the same DPO on the same panel
-            lora_steps, lora_values = read_curve(out / "dpo_lora" / "logging.jsonl", key)
-            if lora_steps:
-                ax.plot(lora_steps, lora_values, marker=".", label="LoRA")
+        ax.plot(steps, values, marker=".", label=SECOND_CURVES[stage][0] if stage in SECOND_CURVES else None)
+        if stage in SECOND_CURVES:
+            first_label, second_label, log, second_key = SECOND_CURVES[stage]
+            more_steps, more_values = read_curve(out / log / "logging.jsonl", second_key or key)
+            if more_steps:
+                ax.plot(more_steps, more_values, marker=".", label=second_label)
                 ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -6,8 +6,14 @@ each stage reports held-out exact-match accuracy before and after into ``summary
 
 The SFT rows come from a sloppy teacher that forgets the units carry on 70% of the sums that have
 one ("47+38=" -> "75"), as real demonstrations carry their author's systematic mistakes. SFT learns
-the mistake; the later stages see only correct signals (DPO's and the reward model's chosen answers,
-GRPO's exact-match reward, PPO's reward model) and are measured by how much of it they undo.
+the mistake; DPO (correct sum over a near miss) and GRPO (exact-match reward) see only correct
+signals and are measured by how much of it they undo.
+
+The teacher also ends 60% of its answers with a space ("85 "), which the answer check ignores and the
+labelers of the reward-model pairs dislike (the bare answer over the same answer with the space). The
+reward model learns that preference, which its head can read from the final token; PPO optimises it,
+and is measured by the held-out reward-model score, the fraction of answers with the space, its KL
+from the SFT model and held-out exact match (which the preference does not reward).
 """
 
 from __future__ import annotations
@@ -21,15 +27,23 @@ from typing import Any
 from jaxalign.config import resolve
 from jaxalign.convert import load_hf_model, save_hf_model
 from jaxalign.data.tokenizer import load_tokenizer
-from jaxalign.demo.evaluation import exact_match_accuracy, greedy_completions, render_prompts, sampled_exact_match
+from jaxalign.demo.evaluation import (
+    exact_match_accuracy,
+    greedy_completions,
+    render_prompts,
+    sampled_completions,
+    sampled_exact_match,
+)
 from jaxalign.demo.figure import plot_demo
 from jaxalign.demo.synthetic import (
     carries,
     exact_match,
     forgot_carry,
+    has_stray_space,
     make_addition_rows,
     make_preference_rows,
     make_prompt_rows,
+    make_style_pairs,
 )
 from jaxalign.demo.tiny_model import llama_config, random_model
 from jaxalign.demo.tiny_tokenizer import build_char_tokenizer
@@ -40,7 +54,17 @@ from jaxalign.trainers.run import build_trainer
 DIGITS = (1, 2)
 MAX_NEW_TOKENS = 8
 TEACHER_CARRY_SLIP = 0.7  # the SFT teacher forgets the units carry on 70% of the sums that have one
+TEACHER_STRAY_SPACE = 0.6  # and ends 60% of its answers with a space: above one half, so greedy SFT answers keep it
 PROBE_PROMPTS = 200  # GRPO's expected reward is measured on this many of its training prompts
+SAMPLES_PER_PROMPT = 4  # PPO's sampled held-out answers per prompt
+
+
+# PPO against the demo's reward model (seed 0, 20 updates): at learning rate 1e-5 the policy does not move
+# (approx-KL ~4e-6, no clipped token); at 1e-4 on the shared cosine schedule it stops moving half way (approx-KL
+# under 5e-5 after update 12, sampled answers with the space 0.62 -> 0.51); at 3e-4, or 1e-4 held for 40 updates,
+# it drifts 1.2-1.7 nats per answer from the SFT model and loses held-out exact match (0.48 -> 0.43, 0.31).
+PPO_OPTIONS = {"per_device_train_batch_size": 32, "learning_rate": 1e-4, "lr_scheduler_type": "constant",
+               "num_ppo_epochs": 2, "kl_coef": 0.05, "num_sample_generations": 4, "missing_eos_penalty": 1.0}
 
 
 def _write_jsonl(path: Path, rows) -> str:
@@ -67,6 +91,11 @@ def carry_slips(rows, completions) -> float:
     said = [(r, c) for r, c in zip(rows, completions) if carries(r["messages"][0]["content"])]
     slips = [exact_match(c, forgot_carry(r["messages"][0]["content"])) for r, c in said]
     return sum(slips) / len(slips) if slips else 0.0
+
+
+def stray_spaces(completions) -> float:
+    """The fraction of completions that end with a space after the answer."""
+    return sum(map(has_stray_space, completions)) / len(completions) if completions else 0.0
 
 
 def build_base(out: Path, seed: int):
@@ -135,6 +164,34 @@ def rm_scores(rm_path: Path, tokenizer, rows, completions) -> float:
     return float(sum(reward(completions, prompt_ids=prompts, completion_ids=comps)) / len(rows))
 
 
+def sampled_rm_report(out, model, tok, rows, temperature, seed, when) -> dict[str, float]:
+    """Reward-model score and stray-space fraction of SAMPLES_PER_PROMPT sampled answers per held-out prompt at the
+    training temperature: how the policy's distribution moved, where greedy answers flip only past one half."""
+    texts = sampled_completions(model, tok, rows, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature,
+                                samples=SAMPLES_PER_PROMPT, seed=seed)
+    repeated = [r for r in rows for _ in range(SAMPLES_PER_PROMPT)]
+    return {f"heldout_sampled_rm_score_{when}": rm_scores(out / "rm", tok, repeated, texts),
+            f"heldout_sampled_stray_space_{when}": stray_spaces(texts)}
+
+
+def ppo_movement(history) -> dict[str, float]:
+    """How far PPO's updates moved the policy, from its logged rows: the mean and largest approx-KL and
+    clip fraction of the updates, and the last rollout's KL from the reference (the SFT model)."""
+
+    def column(key):
+        return [r[key] for r in history if key in r]
+
+    out = {}
+    for key, name in (("policy/approxkl_avg", "approxkl"), ("policy/clipfrac_avg", "clipfrac")):
+        values = column(key)
+        if values:
+            out[f"{name}_mean"], out[f"{name}_max"] = sum(values) / len(values), max(values)
+    kl = column("objective/kl")
+    if kl:
+        out["rollout_kl_last"] = kl[-1]
+    return out
+
+
 def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, options=None):
     """GRPO (exact-match reward) or PPO (the demo's reward model) from the SFT model."""
 
@@ -147,14 +204,16 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, opti
         extra = {"reward_funcs": "exact_match", "num_generations": 8, "per_device_train_batch_size": 64,
                  "learning_rate": 1e-4, "beta": 0.04, "logging_steps": 10}
     else:
-        extra = {"reward_model": str(out / "rm"), "per_device_train_batch_size": 32, "learning_rate": 1e-5,
-                 "num_ppo_epochs": 2, "kl_coef": 0.05, "num_sample_generations": 4, "missing_eos_penalty": 1.0}
+        extra = {"reward_model": str(out / "rm"), **PPO_OPTIONS}
     cfg = resolve("rlhf", None, {**common, **extra, **(options or {})})
     tok = load_tokenizer(out / "sft")
     result: dict[str, Any] = {"steps": steps}
     if kind == "ppo":
-        before = greedy_completions(load_hf_model(out / "sft"), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+        sft_model = load_hf_model(out / "sft")
+        before = greedy_completions(sft_model, tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
         result["heldout_rm_score_before"] = rm_scores(out / "rm", tok, heldout_rows, before)
+        result["heldout_stray_space_before"] = stray_spaces(before)
+        result.update(sampled_rm_report(out, sft_model, tok, heldout_rows, cfg.temperature, seed, "before"))
     t0 = time.time()
     trainer = build_trainer(cfg, quiet=True)
     if kind == "grpo":
@@ -183,7 +242,44 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, opti
         result["train_prompts_sampled_reward_after"] = probe_reward()
     if kind == "ppo":
         result["heldout_rm_score_after"] = rm_scores(out / "rm", tok, heldout_rows, completions)
+        result["heldout_rm_score_gain"] = result["heldout_rm_score_after"] - result["heldout_rm_score_before"]
+        result["heldout_stray_space_after"] = stray_spaces(completions)
+        result.update(sampled_rm_report(out, trainer.policy(), tok, heldout_rows, cfg.temperature, seed, "after"))
+        result.update(ppo_movement(trainer.history))
     return result
+
+
+def sft_stage(out, train_file, heldout_file, heldout_rows, steps, seed, base_model, tok) -> dict[str, Any]:
+    """SFT from the random base model into ``out/sft``; held-out exact match, slips and loss."""
+
+    acc_before, _ = exact_match_accuracy(base_model, tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+    cfg = resolve("sft", None, {
+        "model": str(out / "base"), "dataset": train_file, "val_dataset": heldout_file,
+        "output_dir": str(out / "sft"), "max_steps": steps, "learning_rate": 3e-3, "seed": seed,
+        **stage_options(eval_steps=max(steps // 4, 1)),
+    })
+    t0 = time.time()
+    trainer = build_trainer(cfg, quiet=True)
+    loss_before = trainer.eval_metrics().get("eval_loss")
+    trainer.train()
+    trainer.export()
+    acc_after, samples = exact_match_accuracy(trainer.policy(), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
+    evals = [r for r in trainer.history if "eval_loss" in r]
+    return {
+        "steps": steps,
+        "seconds": round(time.time() - t0, 1),
+        "heldout_exact_match_before": acc_before,
+        "heldout_exact_match_after": acc_after,
+        "heldout_carry_slips_after": carry_slips(heldout_rows, samples),
+        "heldout_stray_space_after": stray_spaces(samples),
+        "heldout_loss_before": loss_before,
+        "heldout_loss_after": evals[-1]["eval_loss"] if evals else None,
+        "compilations": trainer.counter.count,
+        "samples": [
+            {"prompt": r["messages"][0]["content"], "completion": s, "solution": r["solution"]}
+            for r, s in list(zip(heldout_rows, samples))[:5]
+        ],
+    }
 
 
 def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_steps: int = 100, rm_steps: int = 200,
@@ -195,46 +291,23 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_step
     t_start = time.time()
     heldout_rows = make_addition_rows(heldout, seed=seed + 1, digits=DIGITS)
     exclude = [r["messages"][0]["content"] for r in heldout_rows]
-    train_rows = make_addition_rows(4000, seed=seed, digits=DIGITS, exclude=exclude, carry_slip=TEACHER_CARRY_SLIP)
+    train_rows = make_addition_rows(4000, seed=seed, digits=DIGITS, exclude=exclude, carry_slip=TEACHER_CARRY_SLIP,
+                                    stray_space=TEACHER_STRAY_SPACE)
     data = out / "data"
     train_file = _write_jsonl(data / "sft_train.jsonl", train_rows)
     heldout_file = _write_jsonl(data / "heldout.jsonl", heldout_rows)
     base_model, tok = build_base(out, seed)
-    slipped = sum(r["messages"][-1]["content"] != r["solution"] for r in train_rows)
+    slipped = sum(r["messages"][-1]["content"].rstrip() != r["solution"] for r in train_rows)
+    spaced = sum(has_stray_space(r["messages"][-1]["content"]) for r in train_rows)
     summary: dict[str, Any] = {
         "task": f"addition of {DIGITS[0]}-{DIGITS[1]} digit numbers", "heldout_rows": heldout,
-        "sft_teacher": {"carry_slip": TEACHER_CARRY_SLIP, "rows": len(train_rows), "rows_with_carry_forgotten": slipped},
+        "sft_teacher": {"carry_slip": TEACHER_CARRY_SLIP, "stray_space": TEACHER_STRAY_SPACE, "rows": len(train_rows),
+                        "rows_with_carry_forgotten": slipped, "rows_with_stray_space": spaced},
     }
 
     # Stage 1: SFT
     print(f"jaxalign demo: SFT for {sft_steps} steps on {len(train_rows)} rows ({slipped} with the carry forgotten)")
-    acc_before, _ = exact_match_accuracy(base_model, tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
-    cfg = resolve("sft", None, {
-        "model": str(out / "base"), "dataset": train_file, "val_dataset": heldout_file,
-        "output_dir": str(out / "sft"), "max_steps": sft_steps, "learning_rate": 3e-3, "seed": seed,
-        **stage_options(eval_steps=max(sft_steps // 4, 1)),
-    })
-    t0 = time.time()
-    trainer = build_trainer(cfg, quiet=True)
-    loss_before = trainer.eval_metrics().get("eval_loss")
-    trainer.train()
-    trainer.export()
-    acc_after, samples = exact_match_accuracy(trainer.policy(), tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
-    evals = [r for r in trainer.history if "eval_loss" in r]
-    summary["sft"] = {
-        "steps": sft_steps,
-        "seconds": round(time.time() - t0, 1),
-        "heldout_exact_match_before": acc_before,
-        "heldout_exact_match_after": acc_after,
-        "heldout_carry_slips_after": carry_slips(heldout_rows, samples),
-        "heldout_loss_before": loss_before,
-        "heldout_loss_after": evals[-1]["eval_loss"] if evals else None,
-        "compilations": trainer.counter.count,
-        "samples": [
-            {"prompt": r["messages"][0]["content"], "completion": s, "solution": r["solution"]}
-            for r, s in list(zip(heldout_rows, samples))[:5]
-        ],
-    }
+    summary["sft"] = sft_stage(out, train_file, heldout_file, heldout_rows, sft_steps, seed, base_model, tok)
 
     # Stage 2: DPO from the SFT model on (correct, near-miss) pairs
     pair_rows = make_preference_rows(2000, seed=seed + 2, digits=DIGITS, exclude=exclude)
@@ -255,10 +328,14 @@ def run_demo(output_dir: str = "demo_output", *, sft_steps: int = 1600, dpo_step
         name="dpo_lora",
     )
 
-    # Stage 3: a reward model on the same pairs
-    print(f"jaxalign demo: reward model for {rm_steps} steps on the same pairs")
+    # Stage 3: a reward model on the labelers' pairs: the bare answer over the same answer with a stray space
+    style_file = _write_jsonl(data / "rm_pairs_train.jsonl", make_style_pairs(2000, seed=seed + 4, digits=DIGITS,
+                                                                               exclude=exclude))
+    style_heldout_file = _write_jsonl(data / "rm_pairs_heldout.jsonl",
+                                      make_style_pairs(heldout, seed=seed + 1, digits=DIGITS))
+    print(f"jaxalign demo: reward model for {rm_steps} steps on pairs without/with a stray space")
     summary["rm"] = preference_stage(
-        "rm", out, pair_file, pair_heldout_file, heldout_rows, rm_steps, seed, {"learning_rate": 2e-3},
+        "rm", out, style_file, style_heldout_file, heldout_rows, rm_steps, seed, {"learning_rate": 2e-3},
     )
 
     # Stages 4 and 5: online RL from the SFT model

@@ -10,7 +10,6 @@ verifiable reward can correct.
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,22 +89,32 @@ def _conversation(prompt: str, answer: str | None, system: str | None) -> list[d
 
 def make_addition_rows(
     n: int, *, seed: int, digits: Digits = (1, 3), exclude: Iterable[str] = (), system: str | None = None,
-    carry_slip: float = 0.0,
+    carry_slip: float = 0.0, stray_space: float = 0.0,
 ) -> list[dict[str, Any]]:
     """SFT rows: ``{"messages": [user "a+b=", assistant "sum"], "solution": "sum"}``.
 
     With ``carry_slip`` > 0 the assistant turn comes from a sloppy teacher: on each sum whose units
     column carries, it writes :func:`forgot_carry`'s answer with that probability ("47+38=" -> "75");
-    ``solution`` stays the true sum.
+    ``solution`` stays the true sum. With ``stray_space`` > 0 the teacher also ends that fraction of its
+    answers with a space ("85 "), which the answer check ignores (:func:`has_stray_space`).
     """
-    if not 0.0 <= carry_slip <= 1.0:
-        raise ConfigError(f"carry_slip {carry_slip!r}: give a probability between 0 and 1")
+    for name, value in (("carry_slip", carry_slip), ("stray_space", stray_space)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} {value!r}: give a probability between 0 and 1")
     rng = random.Random(seed + 3_000_003)
+    space_rng = random.Random(seed + 4_000_003)
     rows = []
     for p, a in addition_problems(n, seed=seed, digits=digits, exclude=exclude):
         said = forgot_carry(p) if carries(p) and rng.random() < carry_slip else a
+        if space_rng.random() < stray_space:
+            said += " "
         rows.append({"messages": _conversation(p, said, system), "solution": a})
     return rows
+
+
+def has_stray_space(completion: str) -> bool:
+    """True when a completion ends with whitespace after its answer ("85 ")."""
+    return completion != completion.rstrip()
 
 
 def make_prompt_rows(
@@ -125,6 +134,17 @@ def make_preference_rows(
     rng = random.Random(seed + 1_000_003)
     return [
         {"messages": _conversation(p, a, system), "rejected_response": near_miss(a, rng), "solution": a}
+        for p, a in addition_problems(n, seed=seed, digits=digits, exclude=exclude)
+    ]
+
+
+def make_style_pairs(
+    n: int, *, seed: int, digits: Digits = (1, 3), exclude: Iterable[str] = (), system: str | None = None
+) -> list[dict[str, Any]]:
+    """Reward-model rows for a labeler who dislikes the stray space: chosen = the correct sum, rejected =
+    the same sum with a trailing space (``"85"`` over ``"85 "``)."""
+    return [
+        {"messages": _conversation(p, a, system), "rejected_response": a + " ", "solution": a}
         for p, a in addition_problems(n, seed=seed, digits=digits, exclude=exclude)
     ]
 
