@@ -14,7 +14,7 @@ from helpers import tokenizer  # noqa: E402
 from threaded_hosts import run_hosts  # noqa: E402
 
 from jaxalign.data import BatchIterator, Encoder, Example  # noqa: E402
-from jaxalign.data.shards import HostShard, encode_rows  # noqa: E402
+from jaxalign.data.shards import AnnotatedRows, HostShard, encode_rows  # noqa: E402
 from jaxalign.errors import DataError  # noqa: E402
 
 
@@ -87,3 +87,26 @@ def test_a_row_that_fails_raises_on_every_host():
     for e in errors:  # row 3 belongs to host 1; host 0 raises the same error for it
         assert e is not None and type(e) is type(one.value) and str(e) == str(one.value), e
     assert isinstance(one.value, DataError)
+
+
+def test_annotated_rows_set_values_on_read_without_encoding_other_shards():
+    """--precompute_ref_log_probs annotates every row; reading row i annotates (and encodes) row i only."""
+    exs = [Example(conv(f"{i}+{i}=", str(2 * i)), f"p.jsonl line {i + 1}", rejected_messages=conv(f"{i}+{i}=", "7"))
+           for i in range(10)]
+    encoders = [CountingEncoder(tokenizer(), kind="dpo", max_length=40), CountingEncoder(tokenizer(), kind="dpo",
+                                                                                          max_length=40)]
+    results, errors = run_hosts(2, lambda i, n, gather: encode_rows(encoders[i], exs, HostShard(i, n, gather)))
+    assert errors == [None, None]
+    rows, enc = results[0][0], encoders[0]
+    up_front = list(enc.rows)
+    assert up_front == [f"p.jsonl line {i + 1}" for i in range(0, 10, 2)]
+    chosen, rejected = np.arange(10) * 0.5 - 3.0, -np.arange(10) * 0.25
+    view = AnnotatedRows(rows, {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected})
+    assert len(view) == 10 and view.encoded_here == 5
+    np.testing.assert_array_equal(view.lengths, rows.lengths)
+    assert enc.rows == up_front  # building the view encodes nothing
+    row = view[3]  # host 1's row, encoded now, and no other
+    assert (row.ref_chosen_logps, row.ref_rejected_logps) == (-1.5, -0.75)
+    assert row.where == "p.jsonl line 4" and enc.rows == [*up_front, "p.jsonl line 4"]
+    np.testing.assert_array_equal(row.chosen_ids, rows[3].chosen_ids)
+    assert [r.ref_chosen_logps for r in view[0:3]] == [-3.0, -2.5, -2.0]

@@ -76,6 +76,26 @@ class EncodedRows(Sequence):
         return enc
 
 
+class AnnotatedRows(Sequence):
+    """``rows`` with per-row values set on each example when it is read (``fields``: name -> [len(rows)] array),
+    so that annotating every row (the reference log-probs of ``--precompute_ref_log_probs``) does not encode the
+    rows outside this host's shard; ``lengths``, ``prompt_lengths`` and ``encoded_here`` are ``rows``'."""
+
+    def __init__(self, rows: Sequence[EncodedExample], fields: dict[str, np.ndarray]):
+        self._rows, self._fields = rows, fields
+        self.lengths = getattr(rows, "lengths", None)
+        self.prompt_lengths = getattr(rows, "prompt_lengths", None)
+        self.encoded_here = getattr(rows, "encoded_here", len(rows))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return dataclasses.replace(self._rows[i], **{k: float(v[i]) for k, v in self._fields.items()})
+
+
 def encode_rows(encoder: Encoder, examples: Sequence[Example], shard: HostShard = HostShard()
                 ) -> tuple[EncodedRows, EncodeStats]:
     """Encode this host's shard of ``examples``, exchange the outcomes, and return every kept row (encoded on

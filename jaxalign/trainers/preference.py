@@ -7,14 +7,14 @@ per-pair values into contributions to the full-batch means (see :mod:`jaxalign.t
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.data.batching import BatchIterator
+from jaxalign.data.shards import AnnotatedRows
 from jaxalign.losses import cpo_loss, dpo_loss, orpo_loss, simpo_loss
 from jaxalign.losses.preference import LENGTH_AVERAGED, clear_wins, preference_loss_types
 from jaxalign.parallel.activations import mesh_context
@@ -205,7 +205,9 @@ class PairPreference(OfflineAlgorithm):
 
     # ----- --precompute_ref_log_probs -----------------------------------------------------
     def precompute(self, trainer, examples):
-        """Attach the reference model's sequence log-probs to every example (one pass, fixed shapes)."""
+        """The reference model's sequence log-probs of every example (one pass, fixed shapes), set on each example
+        when it is read. On several hosts each builds its devices' rows of each batch, as in training, and the
+        sums are gathered to every host."""
         if not examples:
             return examples
         graphdef, rest, ref = self._graphdef, self._rest, self.ref_params
@@ -215,17 +217,20 @@ class PairPreference(OfflineAlgorithm):
             return pair_forward(nnx.merge(graphdef, params, rest), batch, mean_logits=False)[0]
 
         bs = trainer.micro_batch
-        it = BatchIterator(examples, bs, trainer.buckets, seed=0, pad_id=trainer.pad_id, drop_last=False)
-        out = list(examples)
+        it = BatchIterator(examples, bs, trainer.buckets, seed=0, pad_id=trainer.pad_id, drop_last=False,
+                           host_rows=trainer._host_rows(bs))
+        chosen, rejected = np.zeros(len(examples)), np.zeros(len(examples))
         for idx in it.epoch_plan(0):
             idx = list(idx)
-            padded = idx + [idx[-1]] * (bs - len(idx))  # keep one shape per bucket
+            padded = idx + [idx[-1]] * (bs - len(idx))  # keep one shape per bucket (and whole batches to split)
             batch = {k: v for k, v in it.make_batch(padded).items() if k != "margin"}
-            batch = jax.device_put(batch, {k: batch_sharding(trainer.mesh, v.ndim) for k, v in batch.items()})
+            shardings = {k: batch_sharding(trainer.mesh, v.ndim) for k, v in batch.items()}
+            if it.host_rows is None:
+                batch = jax.device_put(batch, shardings)
+            else:  # this host's rows of the bs-row batch
+                batch = {k: jax.make_array_from_process_local_data(shardings[k], v, (bs, *v.shape[1:]))
+                         for k, v in batch.items()}
             with mesh_context(trainer.mesh):
                 sums = host_array(ref_logps(ref, batch))  # every host: the sums span all of them
-            for j, i in enumerate(idx):
-                out[i] = dataclasses.replace(
-                    examples[i], ref_chosen_logps=float(sums[j]), ref_rejected_logps=float(sums[bs + j])
-                )
-        return out
+            chosen[idx], rejected[idx] = sums[: len(idx)], sums[bs : bs + len(idx)]
+        return AnnotatedRows(examples, {"ref_chosen_logps": chosen, "ref_rejected_logps": rejected})
