@@ -67,6 +67,23 @@ def test_two_hosts_score_their_rows_and_agree_with_one():
     assert model.calls == {"host0": COMPLETIONS, "host1": COMPLETIONS}
 
 
+def test_shares_out_of_process_order_are_put_back_in_row_order():
+    """A host's devices may hold a later block of the batch than the next host's (host 0 rows 4:8, host 1 rows
+    0:4): the gathered rewards still come back in row order."""
+    columns = {"solution": SOLUTIONS}
+    want_total, want = score_completions([("bangs", bangs), ("length", length)], None, COMPLETIONS, columns)
+    plain = Recorder(bangs)
+    results, errors = run_hosts(
+        2, lambda i, c, g: score_on_hosts([("bangs", plain), ("length", length)], None, COMPLETIONS, columns,
+                                          share=[(4, 8), (0, 4)][i], gather=g),
+        join=np.concatenate,
+    )
+    assert errors == [None, None] and plain.calls == {"host0": COMPLETIONS[4:], "host1": COMPLETIONS[:4]}
+    for total, per_func in results:
+        np.testing.assert_array_equal(total, want_total)
+        np.testing.assert_array_equal(per_func["bangs"], want["bangs"])
+
+
 def test_a_failure_on_one_host_fails_both():
     def fails_on_late_rows(completions, **_):
         if "answer 6" in completions:

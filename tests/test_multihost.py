@@ -36,14 +36,15 @@ def inputs(tmp_path_factory):
     for f in Path(model).iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")) and not (root / "rm" / f.name).exists():
             (root / "rm" / f.name).write_bytes(f.read_bytes())
-    # A reward plugin noting how many completions each host scores (0 reward: the losses stay the same).
+    # A reward plugin noting how many completions each host scores; its reward depends on the completion and on
+    # the row's solution column, so a host pairing completions with another prompt's columns changes the run.
     (root / "rows_seen.py").write_text(
         "import json, jax\n"
         "from pathlib import Path\n"
-        "def rows_seen(completions, **_):\n"
+        "def rows_seen(completions, solution, **_):\n"
         "    with open(Path(__file__).parent / 'scored.jsonl', 'a') as f:\n"
         "        f.write(json.dumps([jax.process_count(), jax.process_index(), len(completions)]) + '\\n')\n"
-        "    return [0.0] * len(completions)\n"
+        "    return [float((sum(map(ord, c)) + int(s)) % 3 == 0) for c, s in zip(completions, solution)]\n"
         "orms = {'rows_seen': rows_seen}\n")
     return {
         "root": root, "model": str(model), "rm": str(root / "rm"), "plugin": str(root / "rows_seen.py"),
@@ -147,12 +148,14 @@ def test_two_hosts_equal_one(inputs, algo):
     # One copy of the status lines: process 0 prints them, process 1 does not.
     assert "jaxalign: finished" in runs[0].stdout and "jaxalign: data" in runs[0].stdout
     assert "jaxalign: finished" not in runs[1].stdout and "jaxalign: data" not in runs[1].stdout
-    # Process 0 tokenised its half of the 16 rows; SFT and DPO build only its devices' half of each batch.
-    per_host = algo in ("sft", "dpo", "dpo_precomputed", "kto", "rm")
-    builds = "rows 0:4 of each 8-row batch" if per_host else "every host builds whole batches"
+    # Process 0 tokenised its half of the 16 rows and builds only its devices' half of each batch (GRPO: of the
+    # 4 prompts of each generation).
+    builds = "rows 0:2 of each 4-row batch" if algo == "grpo" else "rows 0:4 of each 8-row batch"
     assert "2 hosts; this one tokenised 8 of 16 training rows up front" in runs[0].stdout
     assert builds in runs[0].stdout, runs[0].stdout
-    if algo == "grpo":  # each host ran the Python reward functions on its 8 of the 16 completions
+    if algo == "grpo":  # each host ran the Python reward functions on its 8 of the 16 completions (its 2 prompts')
+        assert losses(root / "grpo_one", "reward").max() > 0  # the plugin's rewards moved the policy
+        np.testing.assert_allclose(losses(root / "grpo_two", "reward"), losses(root / "grpo_one", "reward"))
         calls = [tuple(c) for c in read_jsonl(root / "scored.jsonl")]
         assert {c for c in calls if c[0] == 2} == {(2, 0, 8), (2, 1, 8)} and (1, 0, 16) in calls, calls
 

@@ -47,8 +47,8 @@ def score_on_hosts(
     gather: Callable[[np.ndarray], np.ndarray] = _all_gather,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """(weighted total [N], {name: rewards [N]}) for every row on every host, each host calling the Python reward
-    functions on its ``share`` (default :func:`host_share`) only; ``gather`` concatenates the hosts' [rows, k]
-    blocks in process order. A function that fails on one host fails the step on every host (the others say
+    functions on its ``share`` (default :func:`host_share`; the shares are equal contiguous blocks, in any order
+    over the processes) only; ``gather`` concatenates the hosts' [rows, k] blocks. A function that fails on one host fails the step on every host (the others say
     where to look) instead of leaving them waiting."""
     weights = check_weights(funcs, weights)
     columns = {} if columns is None else columns
@@ -60,13 +60,17 @@ def score_on_hosts(
     if (lo, hi) == (0, n):
         per_func.update(reward_values(on_host, completions, columns))
     elif on_host:
-        block, error = np.zeros((hi - lo, len(on_host) + 1), np.float32), None
+        # [rewards of each function, row index, failed]: the row index puts the blocks back in row order
+        k = len(on_host)
+        block, error = np.zeros((hi - lo, k + 2), np.float32), None
+        block[:, k] = np.arange(lo, hi)
         try:
             part = reward_values(on_host, list(completions[lo:hi]), _rows(columns, lo, hi, n))
-            block[:, :-1] = np.stack([part[name] for name, _ in on_host], axis=1)
+            block[:, :k] = np.stack([part[name] for name, _ in on_host], axis=1)
         except JaxalignError as err:
             block[:, -1], error = 1.0, err
         whole = gather(block)
+        whole = whole[np.argsort(whole[:, k], kind="stable")]
         if whole[:, -1].any():
             if error is not None:
                 raise error

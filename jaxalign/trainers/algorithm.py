@@ -32,7 +32,7 @@ class AlgorithmBase:
     name = "base"
     curve_keys: tuple[str, ...] = ("loss",)
     progress_keys: tuple[str, ...] = ("loss",)
-    per_host_batches = False  # rollouts sample from every host's prompts together
+    per_host_batches = False  # True: each host builds only its devices' rows of a data batch
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -153,7 +153,10 @@ def completion_buckets(max_completion_length: int) -> list[int]:
 
 class RolloutAlgorithm(AlgorithmBase):
     """Learns from completions the policy samples: one sampler call per generation, each with its own
-    random draw (``--seed`` and the generation count, which checkpoints carry)."""
+    random draw (``--seed`` and the generation count, which checkpoints carry). On several hosts each builds its
+    devices' rows of each prompt batch, and :meth:`whole_prompt_batch` joins them."""
+
+    per_host_batches = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -162,6 +165,19 @@ class RolloutAlgorithm(AlgorithmBase):
 
     def setup(self, trainer) -> None:
         self.stop_ids = stop_token_ids(trainer.tokenizer, trainer.model_config)
+
+    def whole_prompt_batch(self, trainer, batch: dict) -> dict:
+        """The whole prompt batch on every host from each host's rows (one all-gather of the prompt ids; the other
+        hosts' ``extras`` are None here, their rows being scored there). Unchanged when the host built it all."""
+        span = trainer.batches.host_rows
+        if span is None:
+            return batch
+        rows = trainer.batches.batch_size
+        ids, mask = (host_array(trainer.place_rows(batch[k], rows))
+                     for k in ("prompt_input_ids", "prompt_attention_mask"))
+        extras = [None] * rows
+        extras[span[0] : span[1]] = batch["extras"]
+        return {**batch, "prompt_input_ids": ids, "prompt_attention_mask": mask, "extras": extras}
 
     def sample(self, trainer, prompt_ids, prompt_mask, *, n: int = 1, greedy: bool = False) -> dict[str, np.ndarray]:
         """``n`` completions per prompt from the current policy: tokens, their log-probs, masks, lengths and

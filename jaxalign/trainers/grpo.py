@@ -153,23 +153,29 @@ class GRPO(RolloutAlgorithm):
                  for i in range(tokens.shape[0])]
         return roll, texts
 
-    def score(self, texts, extras, roll, prompt_ids, prompt_mask):
+    def score(self, trainer, texts, extras, roll, prompt_ids, prompt_mask):
+        """Every completion's rewards, on every host; with per-host prompt batches each host calls the Python
+        reward functions on its own prompts' completions (the rows whose ``extras`` it holds)."""
         columns: dict[str, list] = {}
-        for key in extras[0] if extras else []:
-            columns[key] = [e.get(key) for e in extras for _ in range(self.G)]
+        known = next((e for e in extras if e is not None), {})
+        for key in known:
+            columns[key] = [None if e is None else e.get(key) for e in extras for _ in range(self.G)]
         tokens, lengths = roll["tokens"], roll["lengths"]
         columns["completion_ids"] = [tokens[i, : lengths[i]].tolist() for i in range(tokens.shape[0])]
         columns["prompt_ids"] = [
             prompt_ids[i // self.G][prompt_mask[i // self.G] > 0].tolist() for i in range(tokens.shape[0])
         ]
-        return score_on_hosts(self.reward_funcs, self.reward_weights, texts, columns)
+        span = trainer.batches.host_rows
+        share = None if span is None else (span[0] * self.G, span[1] * self.G)
+        return score_on_hosts(self.reward_funcs, self.reward_weights, texts, columns, share=share)
 
     def generation_batch_arrays(self, trainer, prompt_batch):
         """One generation with (optional) DAPO dynamic sampling: arrays for the update and metrics."""
         cfg = self.cfg
         t0 = time.time()
+        prompt_batch = self.whole_prompt_batch(trainer, prompt_batch)
         roll, texts = self.sample_group(trainer, prompt_batch)
-        total, per_func = self.score(texts, prompt_batch["extras"], roll, prompt_batch["prompt_input_ids"],
+        total, per_func = self.score(trainer, texts, prompt_batch["extras"], roll, prompt_batch["prompt_input_ids"],
                                      prompt_batch["prompt_attention_mask"])
         groups = total.reshape(-1, self.G)
         if cfg.dynamic_sample:
@@ -177,11 +183,11 @@ class GRPO(RolloutAlgorithm):
                 flat = np.std(groups, axis=1) == 0
                 if not flat.any():
                     break
-                extra_batch = next(trainer.batches)
+                extra_batch = self.whole_prompt_batch(trainer, next(trainer.batches))
                 if extra_batch["prompt_input_ids"].shape != prompt_batch["prompt_input_ids"].shape:
                     break
                 roll2, texts2 = self.sample_group(trainer, extra_batch)
-                total2, per2 = self.score(texts2, extra_batch["extras"], roll2, extra_batch["prompt_input_ids"],
+                total2, per2 = self.score(trainer, texts2, extra_batch["extras"], roll2, extra_batch["prompt_input_ids"],
                                           extra_batch["prompt_attention_mask"])
                 g2 = total2.reshape(-1, self.G)
                 good = np.where(np.std(g2, axis=1) > 0)[0]

@@ -175,6 +175,7 @@ class PPO(RolloutAlgorithm):
     def rollout(self, trainer, prompt_batch) -> tuple[dict, dict]:
         """Sample, score and compute advantages: (arrays for the update, rollout metrics)."""
         cfg = self.cfg
+        prompt_batch = self.whole_prompt_batch(trainer, prompt_batch)
         prompt_ids, prompt_mask = prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"]
         roll = self.cut_completions(self.sample(trainer, prompt_ids, prompt_mask))
         prompt_ids, prompt_mask = self.cut_prompts(prompt_ids, prompt_mask)

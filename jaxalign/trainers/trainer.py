@@ -28,6 +28,7 @@ from jaxalign.models.decoder import set_attn_impl, set_remat
 from jaxalign.models.lora import cast_frozen, trainable_summary
 from jaxalign.parallel.activations import mesh_context
 from jaxalign.parallel.distributed import host_rows
+from jaxalign.parallel.rules import batch_sharding
 from jaxalign.convert.checkpoint_io import read_meta
 from jaxalign.trainers.checkpoint import (
     CheckpointWriter,
@@ -120,14 +121,14 @@ class Hook:
         return step % self.every == 0 or (self.at_end and step == total) or (self.at_start and step == 1)
 
 
-def hosts_summary(rows, batches: BatchIterator, micro_batch: int) -> str:
+def hosts_summary(rows, batches: BatchIterator) -> str:
     """What process 0 read and builds, on several hosts."""
     share = getattr(rows, "encoded_here", len(rows))
     out = f"{jax.process_count()} hosts; this one tokenised {share} of {len(rows)} training rows up front"
     if batches.host_rows is None:
         return out + "; every host builds whole batches"
     lo, hi = batches.host_rows
-    return out + f" and builds rows {lo}:{hi} of each {micro_batch}-row batch"
+    return out + f" and builds rows {lo}:{hi} of each {batches.batch_size}-row batch"
 
 
 class Trainer:
@@ -152,7 +153,7 @@ class Trainer:
         except ConfigError as e:  # too few rows: name the dataset
             raise ConfigError(f"--dataset {cfg.dataset}: {e}") from None
         if jax.process_count() > 1 and self.main_process:
-            print("jaxalign: " + hosts_summary(data.train, self.batches, self.micro_batch), flush=True)
+            print("jaxalign: " + hosts_summary(data.train, self.batches), flush=True)
         self.total_steps = algorithm.total_steps(self)
         self.optimizer, self.schedule = build_optimizer(cfg, algorithm.optimizer_steps(self.total_steps))
         self.state = create_train_state(params, self.optimizer, mesh, cfg.seed)
@@ -185,6 +186,11 @@ class Trainer:
             return jax.device_put(batch, shardings)
         return {k: jax.make_array_from_process_local_data(shardings[k], v, (v.shape[0], rows, *v.shape[2:]))
                 for k, v in batch.items()}
+
+    def place_rows(self, rows_here: np.ndarray, rows: int) -> jax.Array:
+        """A [rows, ...] batch array sharded over (data, fsdp) from this host's rows of it (its ``host_rows``)."""
+        sharding = batch_sharding(self.mesh, rows_here.ndim)
+        return jax.make_array_from_process_local_data(sharding, rows_here, (rows, *rows_here.shape[1:]))
 
     def _data_rows(self) -> int | None:
         """The global micro-batch when the data batches hold this host's rows only, else None (whole batches)."""
