@@ -110,3 +110,46 @@ def test_annotated_rows_set_values_on_read_without_encoding_other_shards():
     assert row.where == "p.jsonl line 4" and enc.rows == [*up_front, "p.jsonl line 4"]
     np.testing.assert_array_equal(row.chosen_ids, rows[3].chosen_ids)
     assert [r.ref_chosen_logps for r in view[0:3]] == [-3.0, -2.5, -2.0]
+
+
+def test_hosts_parse_and_validate_only_their_rows(tmp_path, monkeypatch):
+    """On several hosts each parses and validates its shard of a .jsonl file; every host ends with the one-host
+    examples and bad-row count, and a bad row without --ignore_bad_rows stops every host with the same error."""
+    import json
+    import threading
+
+    from jaxalign.data import loading
+    from jaxalign.data.prepare import load_examples
+
+    lines = [json.dumps({"messages": conv(f"{i}+{i}=", str(2 * i))}) for i in range(12)]
+    lines[5] = "{not json"
+    lines[8] = json.dumps({"messages": [{"role": "user", "content": "no reply"}]})
+    lines.insert(3, "   ")  # blank lines are skipped, as on one host
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    one, one_bad = load_examples(str(path), "sft", ignore_bad_rows=True)
+    assert one_bad == 2 and len(one) == 10
+    parsed: dict[str, list[int]] = {}
+    real = loading.parse_jsonl_line
+
+    def counting(raw, p, lineno):
+        parsed.setdefault(threading.current_thread().name, []).append(lineno)
+        return real(raw, p, lineno)
+
+    monkeypatch.setattr(loading, "parse_jsonl_line", counting)
+    results, errors = run_hosts(2, lambda i, n, g: load_examples(str(path), "sft", ignore_bad_rows=True,
+                                                                 shard=HostShard(i, n, g)))
+    assert errors == [None, None]
+    # the 12 non-blank lines are lines 1-3 and 5-13; host 0 parses the 1st, 3rd, ... of them, host 1 the others
+    assert parsed == {"host0": [1, 3, 6, 8, 10, 12], "host1": [2, 5, 7, 9, 11, 13]}
+    for examples, bad in results:
+        assert bad == 2 and [(e.where, e.messages) for e in examples] == [(e.where, e.messages) for e in one]
+
+    with pytest.raises(DataError) as alone:
+        load_examples(str(path), "sft")  # one host: the bad JSON on line 7 stops the load
+    assert "line 7: bad JSON" in str(alone.value)
+    _, errors = run_hosts(2, lambda i, n, g: load_examples(str(path), "sft", shard=HostShard(i, n, g)))
+    for e in errors:  # line 7 is host 1's row; both hosts raise for it
+        assert isinstance(e, DataError) and str(e).startswith(f"{path} line 7: bad JSON"), e
+        assert str(e).endswith("; fix the row or pass --ignore_bad_rows")

@@ -82,6 +82,13 @@ def task_kind(task: str) -> str:
         raise ConfigError(f"unknown task {task!r}; choose one of {', '.join(KIND_OF)}") from None
 
 
+def task_name(task: str) -> str:
+    """How errors name a task's rows: the rlhf_type in capitals ("DPO"), or the kind's name."""
+    if str(task).lower() not in TASK_KINDS:
+        return str(task).upper()
+    return {"sft": "SFT", "pair": "preference", "kto": "KTO", "prompt": "prompt"}[task_kind(task)]
+
+
 def normalize_rows(
     rows: Iterable[Row], task: str, *, ignore_bad_rows: bool = False
 ) -> tuple[list[Example], int]:
@@ -90,9 +97,7 @@ def normalize_rows(
     Returns ``(examples, n_bad)``. A bad row raises :class:`DataError` naming its file and
     line, unless ``ignore_bad_rows``: then it is skipped and counted in ``n_bad``.
     """
-    kind = task_kind(task)
-    name = str(task).upper() if str(task).lower() not in TASK_KINDS else {
-        "sft": "SFT", "pair": "preference", "kto": "KTO", "prompt": "prompt"}[kind]
+    kind, name = task_kind(task), task_name(task)
     examples: list[Example] = []
     n_bad = 0
     for row in rows:

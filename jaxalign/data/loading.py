@@ -12,12 +12,12 @@ import contextlib
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxalign.data.rows import Row
+from jaxalign.data.rows import LazySequence, Row
 from jaxalign.errors import ConfigError, DataError
 
 SUPPORTED = ".jsonl, .json, .csv, .parquet or a folder saved by datasets.save_to_disk"
@@ -79,16 +79,17 @@ def split_rows(rows: list[Any], split_dataset_ratio: float, seed: int = 42) -> t
     if not 0.0 <= ratio < 1.0:
         raise ConfigError(f"--split_dataset_ratio {ratio}: must be in [0, 1), e.g. 0.01")
     if ratio == 0.0 or not rows:
-        return list(rows), []
+        return (list(rows) if isinstance(rows, list) else rows), []
     n_val = math.ceil(ratio * len(rows))
     if n_val >= len(rows):
         raise ConfigError(
             f"--split_dataset_ratio {ratio} leaves no training rows out of {len(rows)}; lower it"
         )
     val_idx = set(np.random.default_rng(seed).permutation(len(rows))[:n_val].tolist())
-    train = [r for i, r in enumerate(rows) if i not in val_idx]
-    val = [r for i, r in enumerate(rows) if i in val_idx]
-    return train, val
+    train_idx = [i for i in range(len(rows)) if i not in val_idx]
+    if not isinstance(rows, list):  # rows read when used (several hosts): views, reading nothing now
+        return Picks([(rows, i) for i in train_idx]), Picks([(rows, i) for i in sorted(val_idx)])
+    return [rows[i] for i in train_idx], [rows[i] for i in sorted(val_idx)]
 
 
 def _load_file(path: str, *, ignore_bad_rows: bool) -> list[Row]:
@@ -108,26 +109,84 @@ def _iter_jsonl(path: str, *, ignore_bad_rows: bool) -> Iterator[Row]:
     # Read bytes and decode line by line, so that a non-UTF-8 byte is a bad row named like the others.
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
-            error, obj = None, None
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                line, error = None, f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})"
-            if line is not None and not line.strip():
+            if _blank(raw):
                 continue
-            if error is None:
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    error = f"bad JSON ({e.msg} at column {e.colno})"
-            if error is None and not isinstance(obj, dict):
-                error = f"expected a JSON object, got {type(obj).__name__}"
-            if error is not None:
-                if not ignore_bad_rows:
-                    raise DataError(f"{path} line {lineno}: {error}; fix the line or pass --ignore_bad_rows")
-                yield Row({}, path, lineno, is_jsonl=True, error=error)
-            else:
-                yield Row(obj, path, lineno, is_jsonl=True)
+            row = parse_jsonl_line(raw, path, lineno)
+            if row.error is not None and not ignore_bad_rows:
+                raise DataError(f"{path} line {lineno}: {row.error}; fix the line or pass --ignore_bad_rows")
+            yield row
+
+
+def _blank(raw: bytes) -> bool:
+    """A line holding only whitespace (a line that is not UTF-8 is not blank: it is a bad row)."""
+    try:
+        return not raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return False
+
+
+def parse_jsonl_line(raw: bytes, path: str, lineno: int) -> Row:
+    """One non-blank line of a ``.jsonl`` file as a :class:`Row`; ``error`` says why it is not a JSON object."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Row({}, path, lineno, is_jsonl=True, error=f"not UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1})")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return Row({}, path, lineno, is_jsonl=True, error=f"bad JSON ({e.msg} at column {e.colno})")
+    if not isinstance(obj, dict):
+        return Row({}, path, lineno, is_jsonl=True, error=f"expected a JSON object, got {type(obj).__name__}")
+    return Row(obj, path, lineno, is_jsonl=True)
+
+
+class JsonlLines(LazySequence):
+    """The non-blank lines of a ``.jsonl`` file, each parsed into a :class:`Row` only when read (a bad line is a
+    row with ``error`` set): on several hosts each parses only the rows it validates (``parsed`` counts them)."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            self._lines = [(n, raw) for n, raw in enumerate(f, start=1) if not _blank(raw)]
+        self.path, self.parsed = path, 0
+
+    def __len__(self) -> int:
+        return len(self._lines)
+
+    def item(self, i: int) -> Row:
+        lineno, raw = self._lines[i]
+        self.parsed += 1
+        return parse_jsonl_line(raw, self.path, lineno)
+
+
+class Picks(LazySequence):
+    """Items picked from other sequences and read through to them (``refs``: (sequence, index) pairs): rows of
+    several files, or the train and validation parts of lazily read rows."""
+
+    def __init__(self, refs: list[tuple[Sequence[Any], int]]):
+        self._refs = refs
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    def item(self, i: int):
+        rows, j = self._refs[i]
+        return rows[j]
+
+
+def load_dataset_rows_lazily(spec: str, *, seed: int = 42) -> Picks:
+    """:func:`load_dataset_rows`'s rows, with the lines of ``.jsonl`` files parsed only when read (other formats
+    are read whole by ``datasets``). A bad line is a row with ``error`` set, reported where it is validated."""
+    refs: list[tuple[Sequence[Any], int]] = []
+    for path, n in parse_spec(spec):
+        if not os.path.exists(path):
+            raise DataError(f"{path}: no such file or folder; check the --dataset path")
+        lazy = not os.path.isdir(path) and os.path.splitext(path)[1].lower() == ".jsonl"
+        rows = JsonlLines(path) if lazy else _load_file(path, ignore_bad_rows=True)
+        picks = list(range(len(rows)))
+        if n is not None:
+            picks = sample_rows(picks, n, seed=seed)
+        refs.extend((rows, i) for i in picks)
+    return Picks(refs)
 
 
 @contextlib.contextmanager

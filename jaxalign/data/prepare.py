@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from jaxalign.data.encode import EncodedExample, Encoder
 from jaxalign.data.formats import Example, normalize_rows
-from jaxalign.data.loading import load_dataset_rows, split_rows
-from jaxalign.data.shards import EncodedRows, HostShard, encode_rows, this_host
+from jaxalign.data.loading import load_dataset_rows, load_dataset_rows_lazily, split_rows
+from jaxalign.data.shards import EncodedRows, HostShard, encode_rows, normalize_on_hosts, this_host
 
 
 @dataclass
@@ -21,9 +22,13 @@ class PreparedData:
 
 
 def load_examples(
-    spec: str, task: str, *, seed: int = 42, ignore_bad_rows: bool = False
-) -> tuple[list[Example], int]:
-    """Load and validate ``spec`` for ``task``; returns (examples, number of bad rows skipped)."""
+    spec: str, task: str, *, seed: int = 42, ignore_bad_rows: bool = False, shard: HostShard = HostShard()
+) -> tuple[Sequence[Example], int]:
+    """Load and validate ``spec`` for ``task``; returns (examples, number of bad rows skipped). On several hosts
+    each parses and validates only its ``shard`` of the rows (:func:`jaxalign.data.shards.normalize_on_hosts`)."""
+    if shard.count > 1:
+        return normalize_on_hosts(load_dataset_rows_lazily(spec, seed=seed), task, shard,
+                                  ignore_bad_rows=ignore_bad_rows)
     rows = load_dataset_rows(spec, seed=seed, ignore_bad_rows=ignore_bad_rows)
     return normalize_rows(rows, task, ignore_bad_rows=ignore_bad_rows)
 
@@ -48,8 +53,8 @@ def prepare_data(
 
     ``stats`` counts ``bad_rows`` (skipped under ``ignore_bad_rows``), ``deleted_too_long``
     (``truncation_strategy`` delete), ``no_loss_tokens`` (truncation left no trained token),
-    and the final ``train`` and ``val`` sizes. On several hosts each tokenises only its ``shard`` of the rows up
-    front (see :mod:`jaxalign.data.shards`); the result is the same on every host.
+    and the final ``train`` and ``val`` sizes. On several hosts each parses, validates and tokenises only its
+    ``shard`` of the rows up front (see :mod:`jaxalign.data.shards`); the result is the same on every host.
     """
     encoder = Encoder(
         tokenizer,
@@ -60,13 +65,14 @@ def prepare_data(
         loss_scale=loss_scale,
         kind=task,
     )
-    train_ex, bad = load_examples(dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows)
+    shard = this_host() if shard is None else shard
+    train_ex, bad = load_examples(dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows, shard=shard)
     if val_dataset:
-        val_ex, bad_val = load_examples(val_dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows)
+        val_ex, bad_val = load_examples(val_dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows,
+                                        shard=shard)
         bad += bad_val
     else:
         train_ex, val_ex = split_rows(train_ex, split_dataset_ratio, data_seed)
-    shard = this_host() if shard is None else shard
     train, s_train = encode_rows(encoder, train_ex, shard)
     val, s_val = encode_rows(encoder, val_ex, shard)
     stats = {

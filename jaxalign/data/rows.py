@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,3 +27,16 @@ class Row:
         """``"file.jsonl line 7"`` or ``"file.parquet row 3"``."""
         unit = "line" if self.is_jsonl else "row"
         return f"{self.source} {unit} {self.line}"
+
+
+class LazySequence(Sequence):
+    """A sequence whose items are made when read (rows parsed, validated or encoded on demand): subclasses define
+    ``__len__`` and ``item(i)``; a slice gives a list."""
+
+    def item(self, i: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.item(j) for j in range(*i.indices(len(self)))]
+        return self.item(i)

@@ -1,8 +1,9 @@
-"""A dataset's encoded rows spread over hosts: each host tokenises one shard, the hosts exchange the lengths, and
-each host encodes on demand the rows its batch slots need.
+"""A dataset's rows spread over hosts: each host parses, validates and tokenises one shard, the hosts exchange a
+flag and then a length per row, and each host reads on demand the rows its batch slots need.
 
-Every host parses the whole file (cheap next to tokenising it) and so holds every row's :class:`Example`. Host
-``p`` of ``P`` encodes rows ``p, p + P, p + 2P, ...`` and keeps them; one all-gather of a small integer per row
+Host ``p`` of ``P`` parses and validates rows ``p, p + P, ...`` of the file (:func:`normalize_on_hosts`); one
+all-gather of a flag per row gives every host the same valid rows, the others parsed when read. It then encodes
+rows ``p, p + P, p + 2P, ...`` of the valid rows and keeps them; one all-gather of a small integer per row
 (the encoded length, or why the row was dropped) gives every host the same list of kept rows and their lengths.
 The batch order, a function of the seed and the lengths only, is then the same on every host and for any number
 of hosts; a row outside the host's shard is encoded when one of the host's batch slots needs it.
@@ -12,11 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from jaxalign.data.encode import EncodedExample, Encoder, EncodeStats, KTOExample
-from jaxalign.data.formats import Example
+from jaxalign.data.formats import BadRow, Example, normalize_row, normalize_rows, task_kind, task_name
+from jaxalign.data.rows import LazySequence, Row
 from jaxalign.errors import DataError
 
 # What the exchanged code of a row means when it is not a positive length.
@@ -47,36 +50,46 @@ def this_host() -> HostShard:
     return HostShard(jax.process_index(), jax.process_count(), lambda x: np.asarray(multihost_utils.process_allgather(x)))
 
 
-class EncodedRows(Sequence):
+class KeptRows(LazySequence):
+    """The rows ``kept`` of a ``source`` sequence, each made from its source row when read (:meth:`make`) unless
+    this host made it up front, in its shard (``done``: source index -> item)."""
+
+    def __init__(self, source: Sequence, kept: np.ndarray, done: dict[int, Any]):
+        self._source, self._kept, self._done = source, kept, done
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def make(self, row: int, i: int):
+        raise NotImplementedError
+
+    def item(self, i: int):
+        row = int(self._kept[i])
+        return self._done[row] if row in self._done else self.make(row, i)
+
+
+class EncodedRows(KeptRows):
     """The kept rows of a dataset in file order, as a sequence of :class:`EncodedExample`: ``lengths`` holds
     every row's length; a row is encoded when read unless this host encoded it already (its shard)."""
 
     def __init__(self, examples: Sequence[Example], kept: np.ndarray, lengths: np.ndarray, encoder: Encoder,
                  encoded: dict[int, EncodedExample], prompt_lengths: np.ndarray | None = None):
-        self._examples, self._kept, self.lengths = examples, kept, lengths
-        self._encoder, self._encoded = encoder, encoded
+        super().__init__(examples, kept, encoded)
+        self.lengths, self._encoder = lengths, encoder
         self.prompt_lengths = prompt_lengths  # KTO rows: the prompt's share of each length (for the KL pairs)
-
-    def __len__(self) -> int:
-        return len(self._kept)
 
     @property
     def encoded_here(self) -> int:
         """How many of the kept rows this host encoded up front (its shard)."""
-        return len(self._encoded)
+        return len(self._done)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        row = int(self._kept[i])
-        if row in self._encoded:
-            return self._encoded[row]
-        enc = self._encoder.encode(self._examples[row])
+    def make(self, row: int, i: int):
+        enc = self._encoder.encode(self._source[row])
         assert enc is not None and enc.length == self.lengths[i], f"row {row} encoded differently on this host"
         return enc
 
 
-class AnnotatedRows(Sequence):
+class AnnotatedRows(LazySequence):
     """``rows`` with per-row values set on each example when it is read (``fields``: name -> [len(rows)] array),
     so that annotating every row (the reference log-probs of ``--precompute_ref_log_probs``) does not encode the
     rows outside this host's shard; ``lengths``, ``prompt_lengths`` and ``encoded_here`` are ``rows``'."""
@@ -90,10 +103,46 @@ class AnnotatedRows(Sequence):
     def __len__(self) -> int:
         return len(self._rows)
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+    def item(self, i: int):
         return dataclasses.replace(self._rows[i], **{k: float(v[i]) for k, v in self._fields.items()})
+
+
+class NormalizedRows(KeptRows):
+    """The valid rows of a dataset as :class:`Example`, in file order; a row is validated when read unless this
+    host validated it already (its shard)."""
+
+    def __init__(self, rows: Sequence[Row], kept: np.ndarray, task: str, done: dict[int, Example]):
+        super().__init__(rows, kept, done)
+        self._kind, self._name = task_kind(task), task_name(task)
+
+    def make(self, row: int, i: int):
+        return normalize_row(self._source[row], self._kind, name=self._name)
+
+
+def normalize_on_hosts(rows: Sequence[Row], task: str, shard: HostShard, *, ignore_bad_rows: bool = False
+                       ) -> tuple[NormalizedRows, int]:
+    """:func:`jaxalign.data.formats.normalize_rows` over hosts: host ``p`` parses and validates rows ``p, p + P,
+    ...`` of ``rows`` (read lazily, :func:`jaxalign.data.loading.load_dataset_rows_lazily`) and one all-gather of
+    a flag per row gives every host the same valid rows. A bad row, unless ``ignore_bad_rows``, raises the same
+    error on every host (the first bad row in file order, which each host validates again to name it)."""
+    kind, name = task_kind(task), task_name(task)
+    flags = np.zeros(len(rows), np.int64)  # 1 valid, -1 bad, 0 another host's row
+    done: dict[int, Example] = {}
+    for i in range(shard.index, len(rows), shard.count):
+        row = rows[i]
+        try:
+            if row.error is not None:
+                raise BadRow(row.error)
+            done[i], flags[i] = normalize_row(row, kind, name=name), 1
+        except BadRow:
+            flags[i] = -1
+    flags = shard.gather(flags).sum(axis=0)
+    bad = np.flatnonzero(flags < 0)
+    if len(bad) and not ignore_bad_rows:
+        first = rows[int(bad[0])]
+        normalize_rows([first], task)  # raises that row's error here too
+        raise DataError(f"{first.where}: not a valid {name} row; fix the row or pass --ignore_bad_rows")
+    return NormalizedRows(rows, np.flatnonzero(flags > 0), task, done), len(bad)
 
 
 def encode_rows(encoder: Encoder, examples: Sequence[Example], shard: HostShard = HostShard()
