@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +34,9 @@ class LazySequence(Sequence):
     """A sequence whose items are made when read (rows parsed, validated or encoded on demand): subclasses define
     ``__len__`` and ``item(i)``; a slice gives a list."""
 
+    @abstractmethod
     def item(self, i: int) -> Any:
-        raise NotImplementedError
+        """Make item ``i`` (0 <= i < len)."""
 
     def __getitem__(self, i):
         if isinstance(i, slice):

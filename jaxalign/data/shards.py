@@ -12,6 +12,7 @@ of hosts; a row outside the host's shard is encoded when one of the host's batch
 from __future__ import annotations
 
 import dataclasses
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,8 +61,9 @@ class KeptRows(LazySequence):
     def __len__(self) -> int:
         return len(self._kept)
 
+    @abstractmethod
     def make(self, row: int, i: int):
-        raise NotImplementedError
+        """Make kept row ``i`` from source row ``row``."""
 
     def item(self, i: int):
         row = int(self._kept[i])

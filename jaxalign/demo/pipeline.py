@@ -154,23 +154,22 @@ def preference_stage(kind, out, train_file, heldout_file, heldout_rows, steps, s
     return result
 
 
-def rm_scores(rm_path: Path, tokenizer, rows, completions) -> float:
-    """Mean score the reward model gives to (prompt, completion) pairs."""
+def rm_scores(reward, tokenizer, rows, completions) -> float:
+    """Mean score ``reward`` (a loaded :class:`RewardModelReward`) gives to (prompt, completion) pairs."""
 
-    _, reward = RewardModelReward.from_path(rm_path, tokenizer)
     prompts = render_prompts(tokenizer, rows)
     end = tokenizer.eos_token_id
     comps = [tokenizer(c, add_special_tokens=False)["input_ids"] + [end] for c in completions]
     return float(sum(reward(completions, prompt_ids=prompts, completion_ids=comps)) / len(rows))
 
 
-def sampled_rm_report(out, model, tok, rows, temperature, seed, when) -> dict[str, float]:
+def sampled_rm_report(reward, model, tok, rows, temperature, seed, when) -> dict[str, float]:
     """Reward-model score and stray-space fraction of SAMPLES_PER_PROMPT sampled answers per held-out prompt at the
     training temperature: how the policy's distribution moved, where greedy answers flip only past one half."""
     texts = sampled_completions(model, tok, rows, max_new_tokens=MAX_NEW_TOKENS, temperature=temperature,
                                 samples=SAMPLES_PER_PROMPT, seed=seed)
     repeated = [r for r in rows for _ in range(SAMPLES_PER_PROMPT)]
-    return {f"heldout_sampled_rm_score_{when}": rm_scores(out / "rm", tok, repeated, texts),
+    return {f"heldout_sampled_rm_score_{when}": rm_scores(reward, tok, repeated, texts),
             f"heldout_sampled_stray_space_{when}": stray_spaces(texts)}
 
 
@@ -209,11 +208,12 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, opti
     tok = load_tokenizer(out / "sft")
     result: dict[str, Any] = {"steps": steps}
     if kind == "ppo":
+        _, reward = RewardModelReward.from_path(out / "rm", tok)
         sft_model = load_hf_model(out / "sft")
         before = greedy_completions(sft_model, tok, heldout_rows, max_new_tokens=MAX_NEW_TOKENS)
-        result["heldout_rm_score_before"] = rm_scores(out / "rm", tok, heldout_rows, before)
+        result["heldout_rm_score_before"] = rm_scores(reward, tok, heldout_rows, before)
         result["heldout_stray_space_before"] = stray_spaces(before)
-        result.update(sampled_rm_report(out, sft_model, tok, heldout_rows, cfg.temperature, seed, "before"))
+        result.update(sampled_rm_report(reward, sft_model, tok, heldout_rows, cfg.temperature, seed, "before"))
     t0 = time.time()
     trainer = build_trainer(cfg, quiet=True)
     if kind == "grpo":
@@ -241,10 +241,10 @@ def online_stage(kind, out, prompt_file, heldout_rows, steps, seed, *, sft, opti
     if kind == "grpo":
         result["train_prompts_sampled_reward_after"] = probe_reward()
     if kind == "ppo":
-        result["heldout_rm_score_after"] = rm_scores(out / "rm", tok, heldout_rows, completions)
+        result["heldout_rm_score_after"] = rm_scores(reward, tok, heldout_rows, completions)
         result["heldout_rm_score_gain"] = result["heldout_rm_score_after"] - result["heldout_rm_score_before"]
         result["heldout_stray_space_after"] = stray_spaces(completions)
-        result.update(sampled_rm_report(out, trainer.policy(), tok, heldout_rows, cfg.temperature, seed, "after"))
+        result.update(sampled_rm_report(reward, trainer.policy(), tok, heldout_rows, cfg.temperature, seed, "after"))
         result.update(ppo_movement(trainer.history))
     return result
 

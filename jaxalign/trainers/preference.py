@@ -224,12 +224,10 @@ class PairPreference(OfflineAlgorithm):
             idx = list(idx)
             padded = idx + [idx[-1]] * (bs - len(idx))  # keep one shape per bucket (and whole batches to split)
             batch = {k: v for k, v in it.make_batch(padded).items() if k != "margin"}
-            shardings = {k: batch_sharding(trainer.mesh, v.ndim) for k, v in batch.items()}
             if it.host_rows is None:
-                batch = jax.device_put(batch, shardings)
+                batch = jax.device_put(batch, {k: batch_sharding(trainer.mesh, v.ndim) for k, v in batch.items()})
             else:  # this host's rows of the bs-row batch
-                batch = {k: jax.make_array_from_process_local_data(shardings[k], v, (bs, *v.shape[1:]))
-                         for k, v in batch.items()}
+                batch = {k: trainer.place_rows(v, bs) for k, v in batch.items()}
             with mesh_context(trainer.mesh):
                 sums = host_array(ref_logps(ref, batch))  # every host: the sums span all of them
             chosen[idx], rejected[idx] = sums[: len(idx)], sums[bs : bs + len(idx)]
