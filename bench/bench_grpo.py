@@ -204,12 +204,9 @@ def ref_logps_seconds(trainer, micro, repeats: int = 3) -> float:
 
     if trainer.algo.ref_params is None:
         return 0.0
-    prompt_len = micro["input_ids"].shape[1] - micro["completion_mask"].shape[1]
-
     @jax.jit
     def ref_logps(params, micro):
-        return completion_logps(nnx.merge(trainer.graphdef, params, trainer.rest), micro, prompt_len,
-                                trainer.cfg.temperature)[0]
+        return completion_logps(nnx.merge(trainer.graphdef, params, trainer.rest), micro, trainer.cfg.temperature)[0]
 
     with mesh_context(trainer.mesh):
         jax.block_until_ready(ref_logps(trainer.algo.ref_params, micro))

@@ -382,3 +382,18 @@ def assert_merged_equals_peft(merged_folder, peft_model) -> dict:
             continue  # tied
         np.testing.assert_allclose(ours[name], value, atol=1e-5, rtol=0, err_msg=name)
     return ours
+
+
+def per_completion_rows(arrays: dict) -> dict:
+    """A GRPO generation's update arrays in the plain layout, one prompt + completion sequence per completion,
+    from the shared-prefix layout (``input_ids`` [N / k, P + k C]: each prompt once, then k completions),
+    written out here with numpy so the tests' formulas run on sequences of their own."""
+    n, c = arrays["completion_mask"].shape
+    r, width = arrays["input_ids"].shape
+    k = n // r
+    p = width - k * c
+    out = dict(arrays)
+    for key in ("input_ids", "attention_mask"):
+        a = np.asarray(arrays[key])
+        out[key] = np.concatenate([np.repeat(a[:, :p], k, axis=0), a[:, p:].reshape(n, c)], axis=1)
+    return out

@@ -21,7 +21,7 @@ import transformers
 
 from helpers import (
     BASE, FAMILIES, SHARP, assert_merged_equals_peft, cached_forward, config, forward, hf_row_logits, make_hf_model,
-    max_diff_real, padded_batch, rewrite_config, write_jsonl,
+    max_diff_real, padded_batch, per_completion_rows, rewrite_config, write_jsonl,
 )
 from jaxalign.convert import load_hf_model
 from jaxalign.data.template import ChatRenderer
@@ -289,7 +289,9 @@ def test_one_grpo_step_matches_transformers(tmp_path, charsum_reward):
     end = tok.convert_tokens_to_ids(END)
     assert end in tr.algo.stop_ids
     arrays, metrics, samples = tr.algo.generation_batch_arrays(tr, next(tr.batches))
-    ids, attn, cmask = (np.asarray(arrays[k]) for k in ("input_ids", "attention_mask", "completion_mask"))
+    assert tr.algo.pack == g  # trained with each prompt once, its completions after it
+    flat = per_completion_rows(arrays)
+    ids, attn, cmask = (np.asarray(flat[k]) for k in ("input_ids", "attention_mask", "completion_mask"))
     p = ids.shape[1] - c
     assert tok.decode(ids[0, :p][attn[0, :p] > 0]).endswith(f"{START}model\n")
     # the rollout's log-probs are at the sampling temperature: recompute them from transformers' logits

@@ -106,9 +106,10 @@ def test_plan_grpo_update_and_sampler(capsys, tiny_model_dir):
         check_totals(p)
     check_train_flops(step)
     params = param_bytes_per_device(tiny_model_dir, 1)
-    # Per device 4 rows of 32 prompt + 16 sampled tokens: ids and attention mask [48], the completion mask and
-    # old log-probs [16], the advantage.
-    batch = 4 * (2 * 48 + 2 * 16 + 1) * F32
+    # Per device one row holding the 32-token prompt once and its 4 completions of 16 sampled tokens (the
+    # shared-prefix layout, the default): ids and attention mask [32 + 4 x 16]; per completion the completion
+    # mask and old log-probs [16] and the advantage.
+    batch = (2 * (32 + 4 * 16) + 4 * (2 * 16 + 1)) * F32
     expected = 4 * params + SCALARS + batch  # beta 0.04: the float32 reference beside params and moments
     assert abs(step["arguments"] - expected) <= SLACK, (step["arguments"], expected)
     # The sampler: 8 prompts x 4 completions = the 32-row generation; one prompt of 32 tokens per device,

@@ -21,7 +21,7 @@ from jaxalign.demo import make_prompt_rows
 from jaxalign.rollout import trace_count
 from jaxalign.data.batching import stack_micro_batches
 from jaxalign.trainers.run import build_trainer
-from helpers import one_error_line, config, make_model_dir, write_jsonl
+from helpers import one_error_line, config, make_model_dir, per_completion_rows, write_jsonl
 
 G, C, PROMPTS = 4, 5, 4  # group size, max_completion_length, prompts per generation (16 completions)
 TEMPERATURE, BETA, EPS, EPS_HIGH_DAPO, LR = 0.9, 0.1, 0.2, 0.28, 2e-2
@@ -143,22 +143,26 @@ def generation(env):
     prompt_batch = next(trainer.batches)
     solutions = [e["solution"] for e in prompt_batch["extras"]]
     arrays, metrics, samples = trainer.algo.generation_batch_arrays(trainer, prompt_batch)
+    assert trainer.algo.pack == G  # the default: each prompt once with its group's completions
+    flat = per_completion_rows(arrays)  # a sequence per completion, for the numpy formulas
     reference = load_hf_model(env["model"])  # the initial model, read from disk again
-    ref_logits = logits_of(reference, arrays["input_ids"], arrays["attention_mask"])
+    ref_logits = logits_of(reference, flat["input_ids"], flat["attention_mask"])
     # At step 1 the policy is the reference (KL 0) and the rollout's old log-probs equal the
     # policy's (ratio 1, no clipping). Perturbing old_logps makes the ratios spread over both
     # clipping bounds from step 1; the update tests also check step 2, where the policy has moved
     # away from the reference, so the KL term is non-zero.
     noise = np.random.default_rng(0).normal(0.0, 0.3, arrays["old_logps"].shape).astype(np.float32)
     perturbed = {**arrays, "old_logps": (arrays["old_logps"] + noise) * arrays["completion_mask"]}
-    return {"arrays": arrays, "metrics": metrics, "samples": samples, "solutions": solutions,
+    return {"arrays": arrays, "flat": flat, "metrics": metrics, "samples": samples, "solutions": solutions,
             "ref_logits": ref_logits, "perturbed": perturbed, "trainer": trainer}
 
 
 def test_generation_arrays_and_advantages(generation):
-    arrays, samples, metrics = generation["arrays"], generation["samples"], generation["metrics"]
+    packed, samples, metrics = generation["arrays"], generation["samples"], generation["metrics"]
+    arrays = generation["flat"]
     ids, mask = arrays["input_ids"], arrays["completion_mask"]
     assert generation["trainer"].mesh.devices.size == 1  # --mesh data=1,fsdp=1,tensor=1 on 8 devices
+    assert packed["input_ids"].shape == (PROMPTS, ids.shape[1] - C + G * C)  # a row per prompt: it, then its G
     assert ids.shape[0] == PROMPTS * G and mask.shape == (PROMPTS * G, C)
     assert np.array_equal(arrays["attention_mask"][:, -C:], mask)  # no overlong filter
     # rows of a group share the prompt; rewards are the reward function's on the decoded completions
@@ -186,8 +190,8 @@ def test_greedy_log_probs_are_at_temperature_one(generation):
     from jaxalign.trainers.grpo_step import completion_logps as update_logps
 
     arrays = generation["arrays"]
-    lp, ent = update_logps(generation["trainer"].model(), arrays, arrays["input_ids"].shape[1] - C, 0.0)
-    expected, expected_ent = completion_logps(generation["ref_logits"], arrays["input_ids"], 1.0)
+    lp, ent = update_logps(generation["trainer"].model(), arrays, 0.0)
+    expected, expected_ent = completion_logps(generation["ref_logits"], generation["flat"]["input_ids"], 1.0)
     np.testing.assert_allclose(np.asarray(lp), expected, atol=1e-5)
     np.testing.assert_allclose(np.asarray(ent), expected_ent, atol=1e-5)
 
@@ -219,10 +223,12 @@ def updates(env, generation):
                         per_device_train_batch_size=PROMPTS * G // accum, gradient_accumulation_steps=accum,
                         **({"epsilon_high": eps_high} if eps_high else {}))
         arrays = generation["perturbed"]
-        ids, attn = arrays["input_ids"], arrays["attention_mask"]
+        flat = per_completion_rows(arrays)
+        ids, attn = flat["input_ids"], flat["attention_mask"]
         ref_lp, _ = completion_logps(generation["ref_logits"], ids, TEMPERATURE)
         batch = stacked(trainer, arrays)
-        assert batch["input_ids"].shape[:2] == (accum, PROMPTS * G // accum)
+        assert batch["completion_mask"].shape[:2] == (accum, PROMPTS * G // accum)
+        assert batch["input_ids"].shape[:2] == (accum, PROMPTS // accum)  # packed: one prompt's group a row
         out = {"trainer": trainer, "expected": [], "got": [], "entropy": []}
         for _ in range(2):
             lp, ent = completion_logps(logits_of(trainer.model(), ids, attn), ids, TEMPERATURE)
@@ -249,6 +255,20 @@ def test_update_equals_numpy(updates, name):
     assert first["kl"] == 0.0 and second["kl"] > 1e-6  # step 1: policy == reference; step 2: it moved
     assert first["clip_ratio/low_mean"] > 0 and first["clip_ratio/high_mean"] > 0  # both bounds clip
     assert abs(first["loss"]) > 1e-3
+
+
+def test_shared_prefix_equals_a_sequence_per_completion(env, generation, updates):
+    """--shared_prefix false trains each completion as its own prompt + completion sequence; on the same
+    generation its two updates give the default's (one row per prompt and its group) losses, gradient norms and
+    metrics to float32 rounding."""
+    trainer = build(env, shared_prefix=False)
+    assert trainer.algo.pack == 1
+    batch = stacked(trainer, per_completion_rows(generation["perturbed"]))
+    assert batch["input_ids"].shape[1] == PROMPTS * G  # a row per completion
+    for packed, got in zip(updates("grpo")["got"], [trainer.train_step(batch) for _ in range(2)]):
+        got = jax.device_get(got)
+        for key in ("loss", "grad_norm", "kl", "clip_ratio/region_mean", "entropy", "rollout/logp_drift"):
+            assert float(got[key]) == pytest.approx(packed[key], rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
@@ -340,11 +360,12 @@ def test_dynamic_sample_replaces_flat_groups(env):
     rewards = np.array([s["reward"] for s in samples]).reshape(PROMPTS, G)
     assert all(rewards[g].std() > 0 for g in replaced)
     # the replacement groups carry their own prompts and answers: rewards recomputed from the prompt text
-    p = arrays["input_ids"].shape[1] - C
+    flat = per_completion_rows(arrays)
+    p = flat["input_ids"].shape[1] - C
     for i, s in enumerate(samples):
         a, b = map(int, re.search(r"(\d+)\+(\d+)=", s["prompt"]).groups())
         assert s["reward"] == pytest.approx(half_flat([s["completion"]], [str(a + b)])[0])
-        assert (arrays["input_ids"][i, :p] == prompt_batch["prompt_input_ids"][i // G]).all()
+        assert (flat["input_ids"][i, :p] == prompt_batch["prompt_input_ids"][i // G]).all()
 
 
 # ----- the command line ----------------------------------------------------------------------------------------

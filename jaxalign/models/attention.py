@@ -7,6 +7,12 @@ query heads share each key/value head (GQA). Key ``s`` is allowed for query ``t`
 * ``q_slots[t] - k_slots[s] < sliding_window`` (when a window is given), and
 * ``key_valid[b, s]`` is non-zero (padding; rows may start with pad keys).
 
+With ``segments`` (self-attention) a row holds a shared prefix (segment 0) followed by segments 1, 2, ...
+that each see the prefix and themselves only: a prompt once, then several completions of it (GRPO's group).
+Each segment's slots are its tokens' indices in a sequence of its own (:func:`segment_slots`), so the rules
+above hold as in one sequence per completion. :func:`attend` runs the prefix, then each segment over the
+prefix's keys and its own, so the work is that of the separate sequences, not of the whole row squared.
+
 A query with no allowed key (a left-pad position) gets a finite output that nothing reads.
 
 Scores are ``q.k * scale`` (default ``D**-0.5``); with ``softcap`` (Gemma 2's ``attn_logit_softcapping``) they
@@ -63,14 +69,16 @@ _NEG = float(jnp.finfo(jnp.float32).min)
 
 
 def attend(q, k, v, key_valid, q_slots, k_slots, *, sliding_window=None, impl: str = "auto",
-           static_window: int | None = None, scale: float | None = None, softcap: float | None = None) -> jax.Array:
+           static_window: int | None = None, scale: float | None = None, softcap: float | None = None,
+           segments=None) -> jax.Array:
     """Softmax attention of q [B, T, N, D] over k, v [B, K, S, D] -> [B, T, N, D] in ``v.dtype``.
 
     ``key_valid`` [B, S] (non-zero: a real key), ``q_slots`` [T] and ``k_slots`` [S] int32 slot indices,
     ``sliding_window`` None / int / traced int32 (:data:`NO_WINDOW`: none). ``static_window`` is the value a
     traced window takes on sliding layers (the model's ``config.sliding_window``; None: no layer slides),
     needed only by ``splash``, whose masks are built at trace time. ``scale`` multiplies q.k (default
-    ``D**-0.5``); ``softcap`` caps the scaled scores at +-softcap through tanh.
+    ``D**-0.5``); ``softcap`` caps the scaled scores at +-softcap through tanh. ``segments`` [T] (a static
+    numpy array, T == S, the slots from :func:`segment_slots`): the shared-prefix layout above.
 
     ``k`` and ``v`` may also be tuples of blocks [B, K, S_b, D] covering consecutive slots (a per-layer KV cache,
     see :mod:`jaxalign.models.kv_cache`): each block is read in place and the scores are joined, with ``xla``.
@@ -81,6 +89,10 @@ def attend(q, k, v, key_valid, q_slots, k_slots, *, sliding_window=None, impl: s
     softcap = None if softcap is None else float(softcap)
     if isinstance(k, tuple):
         return _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window, scale=scale, softcap=softcap)
+    if segments is not None:
+        run = functools.partial(attend, sliding_window=sliding_window, impl=impl, static_window=static_window,
+                                scale=scale, softcap=softcap)
+        return _by_segment(run, q, k, v, key_valid, q_slots, segments)
     impl = _resolve(impl, q, k)
     if impl == "cudnn" and softcap is not None:
         impl = "chunked"  # cuDNN flash attention has no logit soft-capping
@@ -103,6 +115,46 @@ def check_impl(impl: str, platform: str) -> str:
         raise ConfigError(f"--attn_impl {impl} needs a {need[0]} (these devices are {platform}); "
                           "use auto, xla or chunked")
     return impl
+
+
+# ----- shared-prefix rows ---------------------------------------------------------------------------------
+def segment_slots(segments) -> np.ndarray:
+    """[T] int32: each slot's index in its own sequence, the prefix (segment 0, which must come first) then
+    its segment: slot t of segment i > 0 counts the prefix's slots and its own segment's before it."""
+    segments = np.asarray(segments)
+    if (np.diff((segments == 0).astype(np.int8)) > 0).any():
+        raise ValueError("segment 0 (the shared prefix) must come before every other segment")
+    prefix = int((segments == 0).sum())
+    out = np.arange(len(segments), dtype=np.int32)
+    for seg in np.unique(segments[segments > 0]):
+        where = np.flatnonzero(segments == seg)
+        if np.any(np.diff(where) != 1):
+            raise ValueError(f"segment {seg} is not contiguous")
+        out[where] = prefix + np.arange(len(where))
+    return out
+
+
+def _by_segment(run, q, k, v, key_valid, slots, segments):
+    """Attention of a shared-prefix row as the prefix over itself plus, per segment, its queries over the
+    prefix's keys and its own (static slices; ``run`` is :func:`attend` with the call's options)."""
+    segments = np.asarray(segments)
+    if q.shape[1] != k.shape[2] or len(segments) != q.shape[1]:
+        raise ValueError("attention segments need self-attention with one segment id per slot")
+    p = int((segments == 0).sum())
+    outs = [run(q[:, :p], k[:, :, :p], v[:, :, :p], key_valid[:, :p], slots[:p], slots[:p])] if p else []
+    starts = p + np.flatnonzero(np.diff(segments[p - 1 :]) != 0) if p else np.flatnonzero(np.diff(segments)) + 1
+    bounds = [*(int(x) for x in starts), len(segments)]
+    if not p:
+        bounds = [0, *bounds]
+
+    def with_prefix(x, axis, lo, hi):  # the prefix's slots, then [lo, hi)
+        take = lambda a, b: jax.lax.slice_in_dim(x, a, b, axis=axis)
+        return jnp.concatenate([take(0, p), take(lo, hi)], axis=axis) if p else take(lo, hi)
+
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        outs.append(run(q[:, lo:hi], with_prefix(k, 2, lo, hi), with_prefix(v, 2, lo, hi),
+                        with_prefix(key_valid, 1, lo, hi), slots[lo:hi], with_prefix(slots, 0, lo, hi)))
+    return jnp.concatenate(outs, axis=1)
 
 
 # ----- choosing ----------------------------------------------------------------------------------------

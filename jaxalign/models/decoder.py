@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxalign.models.attention import IMPLS as ATTN_IMPLS
-from jaxalign.models.attention import NO_WINDOW, attend
+from jaxalign.models.attention import NO_WINDOW, attend, segment_slots
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.kv_cache import KVCache, is_unstacked
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
@@ -104,11 +104,12 @@ class Attention(nnx.Module):
         self.q_norm = RMSNorm(d, c.rms_norm_eps, c.norm_plus_one) if c.qk_norm else None
         self.k_norm = RMSNorm(d, c.rms_norm_eps, c.norm_plus_one) if c.qk_norm else None
 
-    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
+    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype, segments=None):
         """``window``: this layer's sliding window (a traced int32 under the layer scan; ``NO_WINDOW`` for a
         global layer) or None when no layer of the model has one. ``layer_cache``: (stacked keys [L, B, K, S, D],
         stacked values, this layer's index, first free slot), or (this layer's key blocks, each [B, K, S_b, D], value
-        blocks, None, first free slot), or None."""
+        blocks, None, first free slot), or None. ``segments``: the shared-prefix layout (see
+        :func:`~jaxalign.models.attention.attend`), without a cache."""
         c = self.c
         b, t, _ = x.shape
         x = constrain(x, (BATCH, LENGTH, EMBED))
@@ -146,7 +147,8 @@ class Attention(nnx.Module):
         else:
             k, v = constrain(k.astype(dtype), kv_axes), constrain(v.astype(dtype), kv_axes)
         out = attend(q, k, v, key_valid, q_slots, k_slots, sliding_window=window, impl=self.attn_impl,
-                     static_window=c.sliding_window, scale=c.attn_scale, softcap=c.attn_logit_softcapping)
+                     static_window=c.sliding_window, scale=c.attn_scale, softcap=c.attn_logit_softcapping,
+                     segments=segments)
         out = constrain(out.reshape(b, t, -1), (BATCH, LENGTH, HEADS))
         return self.o_proj(out, dtype), new_cache
 
@@ -191,10 +193,10 @@ class DecoderLayer(nnx.Module):
         self.post_feedforward_layernorm = norm() if c.sandwich_norms else None
         self.mlp = MLP(c, rngs=rngs)
 
-    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype):
+    def __call__(self, x, cos, sin, key_valid, q_slots, k_slots, window, layer_cache, dtype, segments=None):
         x = constrain(x, (BATCH, LENGTH, EMBED))  # the residual stream stays sharded over the batch
         attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, q_slots, k_slots, window,
-                                         layer_cache, dtype)
+                                         layer_cache, dtype, segments)
         if self.pre_feedforward_layernorm is not None:
             x = constrain(x + self.post_attention_layernorm(attn), (BATCH, LENGTH, EMBED))
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), dtype))
@@ -265,8 +267,13 @@ class Decoder(nnx.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, c.norm_plus_one)
         self.lm_head = None if c.tie_word_embeddings else _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
-    def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
-        """Final-norm hidden states [B, T, hidden] in the compute dtype (and the updated cache)."""
+    def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None,
+                      segments=None):
+        """Final-norm hidden states [B, T, hidden] in the compute dtype (and the updated cache). ``segments`` [T]
+        (a numpy array, no cache): slot t attends to segment 0 and its own segment only (one prompt shared by
+        several completions: :mod:`jaxalign.trainers.shared_prefix`); pass the ``positions`` that go with it."""
+        if segments is not None and cache is not None:
+            raise ValueError("segments apply to a forward without a KV cache")
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), jnp.int32)
@@ -278,7 +285,8 @@ class Decoder(nnx.Module):
         if self.config.rope_local_theta is not None:  # Gemma 3: the sliding layers' own base
             rope = (*rope, *rope_tables(positions, jnp.asarray(inverse_frequencies(self.config, local=True))))
         if cache is None:
-            q_slots = k_slots = jnp.arange(t)
+            # a shared-prefix row counts each completion's slots from the prompt's end (segment_slots)
+            q_slots = k_slots = jnp.arange(t) if segments is None else jnp.asarray(segment_slots(segments))
             key_valid = attention_mask
         else:
             q_slots = cache.index + jnp.arange(t)
@@ -289,7 +297,7 @@ class Decoder(nnx.Module):
         x = embedding_lookup(self.embed_tokens[...], input_ids, self.dtype)
         if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first, as transformers does
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), jnp.float32).astype(self.dtype)
-        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache)
+        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache, segments)
         x = constrain(self.norm(x), (BATCH, LENGTH, EMBED))
         if cache is None:
             return x, None
@@ -327,7 +335,7 @@ class Decoder(nnx.Module):
             return rope[2:] if local else rope[:2]
         return jnp.where(local, rope[2], rope[0]), jnp.where(local, rope[3], rope[1])
 
-    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None):
+    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None, segments=None):
         """Run the stacked layers over ``x`` with ``jax.lax.scan``: (output, (keys, values) or None)."""
         graphdef, state = nnx.split(self.layers)
         windows = self.layer_windows()
@@ -343,7 +351,7 @@ class Decoder(nnx.Module):
                 cos, sin = self._layer_rope(rope, local)
                 layer = nnx.merge(graphdef, layer_state)
                 y, _ = layer(x, cos, sin, key_valid, q_slots, k_slots, None if windows is None else window, None,
-                             dtype)
+                             dtype, segments)
                 return y, None
 
             if self.remat != "none":

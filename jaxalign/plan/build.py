@@ -214,7 +214,7 @@ def step_batch(run: PlannedRun, algorithm, length: int) -> dict[str, np.ndarray]
                 "logps": np.zeros((rows, c), np.float32), "finished": np.ones((rows,), bool)}
         arrays = update_arrays(np.zeros((prompts, length), np.int32), np.ones((prompts, length), np.int32), roll,
                                np.zeros((rows,), np.float32), num_generations=algorithm.G,
-                               overlong_filter=cfg.overlong_filter)
+                               overlong_filter=cfg.overlong_filter, pack=algorithm.pack)
     else:
         from jaxalign.trainers.ppo import update_arrays
 
@@ -222,7 +222,7 @@ def step_batch(run: PlannedRun, algorithm, length: int) -> dict[str, np.ndarray]
         per_token = np.zeros((rows, c), np.float32)
         arrays = update_arrays(np.zeros((rows, length + c), np.int32), np.ones((rows, length + c), np.int32),
                                np.ones((rows, c), np.float32), per_token, per_token, per_token, per_token)
-    micro = {k: v[: run.micro_batch] for k, v in arrays.items()}
+    micro = {k: v[: len(v) * run.micro_batch // rows] for k, v in arrays.items()}  # packed rows keep their ratio
     return stack_micro_batches([micro] * run.accum, run.pad_id)
 
 
@@ -343,7 +343,11 @@ def build_plan(cfg, devices, *, num_layers: int | None = None) -> Plan:
     rows = sum(int(v.shape[0] * v.shape[1]) for k, v in batch.items()
                if k.endswith("input_ids") or k == "query_responses")
     seq = tokens // max(rows, 1)
-    train_flops = _update_model_flops(algorithm, config, value_config, tokens, rows, seq, cfg, extra)
+    completions = rows
+    if algorithm.name == "grpo":  # shared-prefix rows hold a prompt and k completions; each completion sees
+        completions = int(batch["completion_mask"].shape[0] * batch["completion_mask"].shape[1])
+        seq = length + int(cfg.max_completion_length)  # its prompt and itself, as in a sequence of its own
+    train_flops = _update_model_flops(algorithm, config, value_config, tokens, completions, seq, cfg, extra)
     what = ("the largest length bucket" if algorithm.spec.data_kind != "prompt" else
             f"prompts padded to the largest length bucket, {length}, + {cfg.max_completion_length} sampled")
     notes = [f"batch: {run.accum} x {run.micro_batch} rows of {seq} tokens ({what})"]
@@ -371,7 +375,7 @@ def _update_model_flops(algorithm, c, value_c, tokens, rows, seq, cfg, extra) ->
     """Model FLOPs of one optimizer step: forward + backward of what trains (6ND; under LoRA 4ND, no
     weight gradients of the frozen base), plus a forward of the in-step reference when there is one."""
     train_mult = 2.0 if algorithm.lora is not None else 3.0  # (forward + backward) / forward
-    if algorithm.spec.data_kind == "prompt":  # the LM head only over the completion positions
+    if algorithm.spec.data_kind == "prompt":  # the LM head only over the completion positions (rows: completions)
         head = rows * int(cfg.max_completion_length)
     elif algorithm.name == "rm":
         head = 0

@@ -23,21 +23,26 @@ from jaxalign.rewards import build_reward_funcs, split_names
 from jaxalign.rewards.host_scoring import score_on_hosts
 from jaxalign.rewards.model_reward import RewardModelReward
 from jaxalign.trainers.algorithm import RolloutAlgorithm
+from jaxalign.trainers import shared_prefix
 from jaxalign.trainers.grpo_step import GRPOUpdate
 
 
 def update_arrays(prompt_ids, prompt_mask, roll: dict, advantages, *, num_generations: int,
-                  overlong_filter: bool) -> dict[str, np.ndarray]:
+                  overlong_filter: bool, pack: int = 1) -> dict[str, np.ndarray]:
     """The update's arrays for one generation (see :mod:`jaxalign.trainers.grpo_step`): each prompt
-    [P, P_len] repeated for its ``num_generations`` completions, followed by them."""
+    [P, P_len] repeated for its ``num_generations`` completions, followed by them; with ``pack`` k > 1
+    (``--shared_prefix``), each prompt once followed by k of its completions, [N / k, P_len + k C]."""
     prompt_ids = np.repeat(prompt_ids, num_generations, axis=0)
     prompt_mask = np.repeat(prompt_mask, num_generations, axis=0)
     comp_mask = roll["mask"].astype(np.float32)
     if overlong_filter:
         comp_mask = comp_mask * roll["finished"].astype(np.float32)[:, None]
+    if num_generations % pack:
+        raise ValueError(f"{pack} completions to a row do not divide a group of {num_generations}")
+    ids, mask = shared_prefix.pack_rows(prompt_ids, prompt_mask, roll["tokens"], roll["mask"], pack)
     return {
-        "input_ids": np.concatenate([prompt_ids, roll["tokens"]], axis=1).astype(np.int32),
-        "attention_mask": np.concatenate([prompt_mask, roll["mask"]], axis=1).astype(np.int32),
+        "input_ids": ids,
+        "attention_mask": mask,
         "completion_mask": comp_mask,
         "old_logps": roll["logps"].astype(np.float32),
         "advantages": np.asarray(advantages, np.float32),
@@ -91,6 +96,8 @@ class GRPO(RolloutAlgorithm):
                 "adjust one of them"
             )
         self.prompts_per_generation = self.generation_batch // self.G
+        # completions that share their prompt's pass through the model (1: a sequence each)
+        self.pack = (shared_prefix.pack_factor(self.G, cfg.per_device_train_batch_size) if cfg.shared_prefix else 1)
         if self.prompts_per_generation % trainer.data_parallel:
             raise ConfigError(
                 f"{self.prompts_per_generation} prompts per generation do not divide over {trainer.data_parallel} "
@@ -141,8 +148,11 @@ class GRPO(RolloutAlgorithm):
                 "time/step_s": round(time.time() - t0, 4)}
 
     def micro_batches(self, trainer, arrays: dict) -> list[dict]:
-        n = trainer.micro_batch
-        return [{k: v[i * n : (i + 1) * n] for k, v in arrays.items()} for i in range(self.steps_per_generation)]
+        """``steps_per_generation`` micro-batches, each an equal share of every array's rows (the packed rows of
+        the shared-prefix layout are fewer than the completions)."""
+        parts = self.steps_per_generation
+        return [{k: v[i * (len(v) // parts) : (i + 1) * (len(v) // parts)] for k, v in arrays.items()}
+                for i in range(parts)]
 
     # ----- rollouts -----------------------------------------------------------------------
     def sample_group(self, trainer, prompt_batch):
@@ -209,7 +219,7 @@ class GRPO(RolloutAlgorithm):
         adv = np.asarray(group_advantages(jnp.asarray(total), num_generations=self.G, scale_rewards=cfg.scale_rewards))
         prompt_ids, prompt_mask = self.cut_prompts(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"])
         arrays = update_arrays(prompt_ids, prompt_mask, roll, adv, num_generations=self.G,
-                               overlong_filter=cfg.overlong_filter)
+                               overlong_filter=cfg.overlong_filter, pack=self.pack)
         lengths = roll["lengths"]
         metrics = {
             "reward": float(np.mean(groups.mean(axis=1))),

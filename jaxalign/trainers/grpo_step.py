@@ -1,7 +1,8 @@
 """The GRPO update as an algorithm for the shared compiled step (:mod:`jaxalign.trainers.step`).
 
 A micro-batch holds prompt+completion sequences ``input_ids`` [B, P+C] with
-``attention_mask``, the completion's ``completion_mask`` [B, C] (zeroed for truncated rows
+``attention_mask`` (or, with ``--shared_prefix``, each prompt once with k of its completions: [B / k, P + k C]),
+the completion's ``completion_mask`` [B, C] (zeroed for truncated rows
 under ``--overlong_filter``), the rollout's ``old_logps`` [B, C] and ``advantages`` [B].
 Log-probs are taken with the sampling temperature, as TRL and ms-swift do.
 """
@@ -15,12 +16,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxalign.losses.grpo import grpo_loss, micro_batch_share
-from jaxalign.trainers import logprobs
+from jaxalign.trainers import logprobs, shared_prefix
 
 
-def completion_logps(model, micro, prompt_len: int, temperature: float):
-    """(per-token log-probs [B, C], per-token entropies [B, C]) of a micro-batch's completions."""
-    return logprobs.completion_logps(model, micro["input_ids"], micro["attention_mask"], prompt_len, temperature)
+def completion_logps(model, micro, temperature: float):
+    """(per-token log-probs [B, C], per-token entropies [B, C]) of a micro-batch's B completions, laid out one
+    sequence per completion or k to a row with their prompt once (``input_ids`` [B / k, P + k * C]; see
+    :mod:`jaxalign.trainers.shared_prefix`)."""
+    rows, c = micro["completion_mask"].shape
+    k = rows // micro["input_ids"].shape[0]
+    if k == 1:
+        prompt_len = micro["input_ids"].shape[1] - c
+        return logprobs.completion_logps(model, micro["input_ids"], micro["attention_mask"], prompt_len, temperature)
+    temperature = temperature if temperature > 0 else 1.0  # greedy rollouts record log-probs at temperature 1
+    out = shared_prefix.completion_stats(model, micro["input_ids"], micro["attention_mask"], (c,) * k,
+                                         temperature=temperature, entropy=True)
+    return out.logps.reshape(rows, c), out.entropy.reshape(rows, c)
 
 
 @dataclasses.dataclass
@@ -51,13 +62,12 @@ class GRPOUpdate:
         }
 
     def loss_fn(self, model, micro, totals, extra, rng):
-        prompt_len = micro["input_ids"].shape[1] - micro["completion_mask"].shape[1]
-        lp, ent = completion_logps(model, micro, prompt_len, self.temperature)
+        lp, ent = completion_logps(model, micro, self.temperature)
         mask = micro["completion_mask"].astype(jnp.float32)
         ref_lp = None
         if self.beta > 0:
             ref_model = nnx.merge(self.graphdef, extra, self.rest)
-            ref_lp, _ = completion_logps(ref_model, micro, prompt_len, self.temperature)
+            ref_lp, _ = completion_logps(ref_model, micro, self.temperature)
             ref_lp = jax.lax.stop_gradient(ref_lp)
         loss, m = grpo_loss(
             lp, micro["old_logps"], ref_lp, micro["advantages"], mask,

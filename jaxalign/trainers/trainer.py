@@ -180,11 +180,15 @@ class Trainer:
 
     def place(self, batch: dict, rows: int | None = None) -> dict:
         """Stacked [A, b, ...] numpy arrays on the mesh: the whole batch as it is, or with ``rows`` (the global
-        micro-batch) this host's share (its ``host_rows``) joined with the other hosts' into [A, rows, ...]."""
+        micro-batch) this host's share (its ``host_rows``) joined with the other hosts' into [A, rows, ...].
+        An array with fewer rows than the batch's longest (the shared-prefix layout's packed rows) keeps its
+        ratio to it: [A, rows * b_k / b, ...]."""
         shardings = self._batch_shardings(batch)
         if rows is None:
             return jax.device_put(batch, shardings)
-        return {k: jax.make_array_from_process_local_data(shardings[k], v, (v.shape[0], rows, *v.shape[2:]))
+        most = max(v.shape[1] for v in batch.values())
+        return {k: jax.make_array_from_process_local_data(shardings[k], v,
+                                                          (v.shape[0], rows * v.shape[1] // most, *v.shape[2:]))
                 for k, v in batch.items()}
 
     def place_rows(self, rows_here: np.ndarray, rows: int) -> jax.Array:
