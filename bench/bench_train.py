@@ -200,7 +200,7 @@ class JaxSide:
             "rlhf_type": "dpo", "loss_type": "sigmoid", "beta": 0.1, "rpo_alpha": 0.0,
             "mesh": "data=1,fsdp=1,tensor=1", "gradient_checkpointing": False, "torch_dtype": args.dtype,
             "per_device_train_batch_size": args.batch_size, "gradient_accumulation_steps": 1,
-            "max_length": args.seq_len, "length_buckets": str(args.seq_len),
+            "max_length": args.seq_len,  # the default length buckets (64, 128, ...): no row is padded
             # TRL's / transformers' defaults, so both sides run the same optimizer
             "learning_rate": 1e-6, "lr_scheduler_type": "linear", "weight_decay": 0.0,
             "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 1.0,
@@ -208,10 +208,13 @@ class JaxSide:
         })
         self.trainer = build_trainer(cfg, quiet=True)
         batch = stack_micro_batches(self.trainer.algo.next_batch(self.trainer), self.trainer.pad_id)
-        want = (1, args.batch_size, args.seq_len)
-        for key in ("chosen_input_ids", "rejected_input_ids"):
-            if batch[key].shape != want or not batch[key.replace("input_ids", "attention_mask")].all():
-                raise SystemExit(f"jaxalign batch {key} is {batch[key].shape}, not {want} unpadded; the data is off")
+        # the default shared-prefix layout: each row the prompt once, then chosen and rejected (seq_len / 2 each)
+        want = {"input_ids": (1, args.batch_size, args.seq_len // 2 + args.seq_len)}
+        if "input_ids" not in batch:  # a sequence per reply
+            want = {k: (1, args.batch_size, args.seq_len) for k in ("chosen_input_ids", "rejected_input_ids")}
+        for key, shape in want.items():
+            if batch[key].shape != shape or not batch[key.replace("input_ids", "attention_mask")].all():
+                raise SystemExit(f"jaxalign batch {key} is {batch[key].shape}, not {shape} unpadded; the data is off")
         t = time.perf_counter()
         m = jax.device_get(self.trainer.train_step(batch))
         self.first_step_s = time.perf_counter() - t

@@ -141,8 +141,8 @@ OPTIONS: dict[str, Option] = {
     "dynamic_sample": Option(False, bool, "DAPO: resample groups whose rewards all agree", None, _RLHF),
     "max_resample_times": Option(3, int, "DAPO resampling rounds", None, _RLHF),
     "overlong_filter": Option(False, bool, "exclude truncated completions from the loss", None, _RLHF),
-    "shared_prefix": Option(True, bool, "GRPO: train each prompt once with its completions in one row (a "
-                            "shared-prefix attention mask), not once per completion", None, _RLHF),
+    "shared_prefix": Option(True, bool, "GRPO and DPO: train each prompt once with its completions (chosen and "
+                            "rejected) in one row, not once per completion", None, _RLHF),
     "reward_funcs": Option(None, str, "reward functions, comma or space separated (accuracy, format, ...)", None, _RLHF),
     "reward_weights": Option(None, str, "weights of the reward functions", None, _RLHF),
     "external_plugins": Option(None, str, "Python file(s) registering reward functions", None, _RLHF),

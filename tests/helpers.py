@@ -397,3 +397,23 @@ def per_completion_rows(arrays: dict) -> dict:
         a = np.asarray(arrays[key])
         out[key] = np.concatenate([np.repeat(a[:, :p], k, axis=0), a[:, p:].reshape(n, c)], axis=1)
     return out
+
+
+def per_reply_batch(batch: dict) -> dict:
+    """A DPO batch as a sequence per reply (``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_loss_mask``,
+    and the same for rejected, [..., P + R]): a shared-prefix batch (``input_ids`` [..., P + 2R], each prompt
+    once, left-padded, then the two replies) has its prompt copied before each reply; a plain batch is returned
+    (or any other batch) is returned as it is. The tests' own formulas run on these sequences."""
+    if "input_ids" not in batch or "chosen_loss_mask" not in batch:
+        return batch
+    r = batch["chosen_loss_mask"].shape[-1]
+    ids, attn = np.asarray(batch["input_ids"]), np.asarray(batch["attention_mask"])
+    p = ids.shape[-1] - 2 * r
+    out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    for j, side in enumerate(("chosen", "rejected")):
+        reply = slice(p + j * r, p + (j + 1) * r)
+        out[f"{side}_input_ids"] = np.concatenate([ids[..., :p], ids[..., reply]], axis=-1)
+        out[f"{side}_attention_mask"] = np.concatenate([attn[..., :p], attn[..., reply]], axis=-1)
+        loss = np.asarray(batch[f"{side}_loss_mask"], np.float32)
+        out[f"{side}_loss_mask"] = np.concatenate([np.zeros(loss.shape[:-1] + (p,), np.float32), loss], axis=-1)
+    return out

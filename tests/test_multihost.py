@@ -61,10 +61,13 @@ def flags(inputs, algo: str) -> list[str]:
               "--learning_rate", "1e-3", "--seed", "3", "--per_device_train_batch_size", "2"]
     if algo == "sft":
         return ["sft", "--dataset", inputs["sft"], "--val_dataset", inputs["sft_val"], "--eval_steps", "1", *common]
+    # DPO: buckets fine enough that a row holding the prompt once (32) and both replies (8 each) is shorter than two
+    # plain rows (2 x 32): the shared-prefix layout, built per host
+    dpo = [*common, "--length_buckets", "8,16,32,64"]
     if algo == "dpo":
-        return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], *common]
+        return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], *dpo]
     if algo == "dpo_precomputed":
-        return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], "--precompute_ref_log_probs", "true", *common]
+        return ["rlhf", "--rlhf_type", "dpo", "--dataset", inputs["dpo"], "--precompute_ref_log_probs", "true", *dpo]
     if algo == "kto":
         return ["rlhf", "--rlhf_type", "kto", "--dataset", inputs["kto"], *common]
     if algo == "rm":

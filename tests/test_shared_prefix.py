@@ -57,6 +57,50 @@ def test_pack_rows_and_prediction_index_by_hand():
     assert np.asarray(pos).tolist() == [[0, 0, 1, 2, 3, 2, 2], [0, 1, 2, 3, 4, 3, 4]]
 
 
+def test_pair_shared_prompt_length_and_layout_by_hand():
+    from jaxalign.data.batching import stack_micro_batches
+    from jaxalign.data.collate import collate_pair_shared
+    from jaxalign.data.encode import PairExample
+
+    def pair(c, cm, r, rm):
+        return PairExample(np.array(c), np.array(cm), np.array(r), np.array(rm))
+
+    a = pair([1, 2, 3, 4, 5], [0, 0, 0, 1, 1], [1, 2, 3, 9], [0, 0, 0, 1])
+    assert a.shared_prompt_length == 3
+    assert pair([1, 2, 3, 4], [0, 0, 1, 1], [1, 2, 3, 9], [0, 0, 0, 1]).shared_prompt_length == 2  # first loss token
+    assert pair([1, 7, 3, 4], [0, 0, 0, 1], [1, 2, 3, 9], [0, 0, 0, 1]).shared_prompt_length == 1  # they part at 1
+    assert pair([5, 2], [0, 1], [1, 2], [0, 1]).shared_prompt_length == 0
+    b = pair([6, 7, 8], [0, 1, 1], [6, 9], [0, 1])
+    out = collate_pair_shared([a, b], 4, 2, pad_id=0)
+    assert out["input_ids"].tolist() == [[0, 1, 2, 3, 4, 5, 9, 0], [0, 0, 0, 6, 7, 8, 9, 0]]
+    assert out["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1, 1, 0]]
+    assert out["chosen_loss_mask"].tolist() == [[1, 1], [1, 1]] and out["rejected_loss_mask"].tolist() == [[1, 0],
+                                                                                                           [1, 0]]
+    with pytest.raises(ValueError, match="wider"):
+        collate_pair_shared([a], 4, 1, pad_id=0)
+    # micro-batches of one step with different widths: prompts widened on the left, replies on the right
+    narrow = collate_pair_shared([b], 1, 2, pad_id=0)
+    stacked = stack_micro_batches([narrow, collate_pair_shared([a], 4, 3, pad_id=0)], pad_id=0)
+    assert stacked["input_ids"][0].tolist() == [[0, 0, 0, 6, 7, 8, 0, 9, 0, 0]]
+    assert stacked["chosen_loss_mask"][0].tolist() == [[1, 1, 0]]
+    assert stacked["input_ids"][1].tolist() == [[0, 1, 2, 3, 4, 5, 0, 9, 0, 0]]
+
+
+def test_batch_iterator_shares_prompts_only_where_every_row_has_one():
+    from jaxalign.data.batching import BatchIterator
+    from jaxalign.data.encode import PairExample
+
+    prompt, loss = np.arange(1, 7), np.array([0] * 6 + [1, 1])
+    rows = [PairExample(np.r_[prompt, 7, 8], loss, np.r_[prompt, 9], loss[:7])] * 2
+    batch = next(BatchIterator(rows, 2, [2, 8], seed=0, shared_prefix=True))
+    assert batch["input_ids"].shape == (2, 8 + 2 * 2)  # prompt 6 -> bucket 8, replies of 2 -> 2; plain: 2 x 8
+    assert "input_ids" not in next(BatchIterator(rows, 2, [2, 8], seed=0))  # shared_prefix off: a sequence each
+    # no gain with a coarse ladder (prompt and replies in 8-slot buckets: 24 > 2 x 8): plain rows
+    assert "input_ids" not in next(BatchIterator(rows, 2, [8], seed=0, shared_prefix=True))
+    odd = [PairExample(np.r_[9, prompt[1:], 7, 8], loss, np.r_[prompt, 9], loss[:7])]  # differs at the first token
+    assert "chosen_input_ids" in next(BatchIterator(rows[:1] + odd, 2, [2, 8], seed=0, shared_prefix=True))
+
+
 # ----- attention -------------------------------------------------------------------------------------------
 def np_attention(q, k, v, allowed):
     """float64 softmax attention of q [T, N, D] over k, v [S, K, D] (GQA) where ``allowed`` [T, S]."""

@@ -19,9 +19,10 @@ from jaxalign.demo import build_char_tokenizer
 from jaxalign.demo.tiny_model import llama_config, random_model
 from jaxalign.trainers.preference import PairPreference
 from jaxalign.trainers.run import build_trainer
+from helpers import per_reply_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-BUCKETS = "32"
+BUCKETS = "4,8,16,32"  # fine enough that a row holding the prompt once is shorter than two
 
 
 # ----- fixtures -------------------------------------------------------------------------
@@ -84,6 +85,7 @@ def _pair_logps(model, batch):
     """Over all micro-batches of [A, B, L] arrays: chosen/rejected sums, counts, chosen NLL token mean over
     the response (``nll``) and over prompt and response (``full_nll``, ORPO's as TRL computes it)."""
     out = {k: [] for k in ("c", "r", "nc", "nr", "ctok", "ftok", "nf")}
+    batch = per_reply_batch(batch)  # DPO's default batches hold each prompt once: a sequence per reply here
     for a in range(batch["chosen_input_ids"].shape[0]):
         for side, key in (("chosen", "c"), ("rejected", "r")):
             attn, mask = batch[f"{side}_attention_mask"][a], batch[f"{side}_loss_mask"][a]
@@ -164,6 +166,8 @@ def test_first_step_loss_matches_formula_then_learns(env, case):
     tr, batch, m = _first_step(env, **flags, **LEARN)
     spec = dict(spec)
     kind = spec.pop("kind")
+    # DPO's batches hold each prompt once (the default --shared_prefix); the others a sequence per reply
+    assert ("input_ids" in batch) == (kind == "dpo")
     pol = _pair_logps(env["policy"], batch)
     ref = _pair_logps(env["ref"], batch) if kind == "dpo" else None
     want = _expected(kind, pol, ref, **spec)
@@ -190,6 +194,22 @@ def test_first_step_loss_matches_formula_then_learns(env, case):
     accs = [float(x["rewards/accuracies"]) for x in later]
     assert min(accs[-2:]) >= 0.9, accs
     assert float(later[-1]["rewards/margins"]) > m["rewards/margins"]  # moved towards the chosen side
+
+
+def test_shared_prefix_step_equals_a_sequence_per_reply(env):
+    """--shared_prefix false runs chosen and rejected as sequences of their own; on the same rows (same seed) the
+    default's two steps (2 accumulated micro-batches of different widths, re-laid to one shape) give every
+    metric to float32 rounding."""
+    flags = dict(CASES["dpo_sigmoid"][0], ref_model=str(env["root"] / "ref"), **LEARN)
+    shared, plain = _trainer(env, **flags), _trainer(env, **flags, shared_prefix=False)
+    for _ in range(2):
+        a, b = shared.algo.next_step_batch(shared), plain.algo.next_step_batch(plain)
+        assert "input_ids" in a and "input_ids" not in b
+        np.testing.assert_array_equal(per_reply_batch(a)["margin"], b["margin"])
+        got, want = (jax.device_get(t.train_step(x)) for t, x in ((shared, a), (plain, b)))
+        assert set(got) == set(want)
+        for key in want:
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), key
 
 
 def test_precomputed_reference_gives_same_first_loss(env):

@@ -18,13 +18,14 @@ import pytest
 pytest.importorskip("trl")
 
 import trl_side as trl  # noqa: E402
-from helpers import config, write_jsonl  # noqa: E402
+from helpers import config, per_reply_batch, write_jsonl  # noqa: E402
 from jaxalign.trainers.run import build_trainer  # noqa: E402
 
 RTOL, ATOL = 1e-4, 1e-6
 BATCH = 4
 LR = 1e-3
 MAX_LENGTH = 64
+DPO_BUCKETS = "8,16,32,64"  # DPO's default shared-prefix rows need prompt and reply buckets finer than the sequence
 
 # jaxalign name -> TRL name where the two differ (TRL's RewardTrainer logs `margin`; ms-swift and
 # jaxalign log `rewards/margins` for the same number).
@@ -83,11 +84,14 @@ def jaxalign_step(world, case: str, flags: dict, rows: list[dict]):
     extra = {"ref_model": str(world["ref"])} if kind in ("dpo", "kto") else {}
     cfg = config(model, write_jsonl(root / f"{case}.jsonl", rows), root / f"out_{case}", **flags, **extra,
                  per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, max_steps=1, learning_rate=LR,
-                 max_length=MAX_LENGTH, length_buckets=str(MAX_LENGTH), save_hf=False, seed=0)
+                 max_length=MAX_LENGTH, length_buckets=DPO_BUCKETS if kind == "dpo" else str(MAX_LENGTH),
+                 save_hf=False, seed=0)
     tr = build_trainer(cfg, quiet=True)
     order = [int(i) for i in tr.batches.epoch_plan(0)[0]]
     micros = tr.algo.next_batch(tr)
     assert len(micros) == 1
+    if kind == "dpo":  # each prompt once, then chosen and rejected (the default)
+        assert "input_ids" in micros[0] and "chosen_input_ids" not in micros[0]
     metrics = tr.step_on(micros)
     return micros[0], metrics, [rows[i] for i in order]
 
@@ -132,7 +136,7 @@ def test_one_step_matches_trl(world, case):
     kind = "cpo" if kind == "simpo" else kind
     ours_batch, ours, ordered = jaxalign_step(world, case, flags, world["rows"][rows_key])
     theirs_batch, theirs = trl_step(world, case, builder, hp, ordered)
-    assert_same_sequences(kind, ours_batch, theirs_batch)
+    assert_same_sequences(kind, per_reply_batch(ours_batch), theirs_batch)
 
     renamed = RENAMED.get(kind, {})
     compared = {name: renamed.get(name, name) for name in ours if renamed.get(name, name) in theirs}

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign.data.collate import collate, collate_kto_rows, kl_rotation, required_length
-from jaxalign.data.encode import EncodedExample, KTOExample
+from jaxalign.data.collate import (collate, collate_kto_rows, collate_pair_shared, kl_rotation, required_length,
+                                  widen_pair_shared)
+from jaxalign.data.encode import EncodedExample, KTOExample, PairExample
 from jaxalign.errors import ConfigError
 
 
@@ -50,7 +51,12 @@ def parse_buckets(spec: str | None) -> list[int] | None:
 
 
 def stack_micro_batches(batches: list[dict], pad_id: int) -> dict[str, np.ndarray]:
-    """[A] batches of possibly different bucket lengths -> arrays [A, B, ...] padded to the longest."""
+    """[A] batches of possibly different bucket lengths -> arrays [A, B, ...] padded to the longest (shared-prefix
+    preference batches re-laid to the widest prompt and reply slots)."""
+    if "chosen_loss_mask" in batches[0] and "input_ids" in batches[0]:
+        replies = [b["chosen_loss_mask"].shape[1] for b in batches]
+        prompts = [b["input_ids"].shape[1] - 2 * r for b, r in zip(batches, replies)]
+        batches = [widen_pair_shared(b, max(prompts), max(replies), pad_id) for b in batches]
     out = {}
     for key in batches[0]:
         if key == "extras":
@@ -100,6 +106,7 @@ class BatchIterator:
         *,
         pad_id: int = 0,
         host_rows: tuple[int, int] | None = None,
+        shared_prefix: bool = False,
     ):
         if batch_size < 1:
             raise ConfigError(f"batch size {batch_size}: must be at least 1")
@@ -118,6 +125,12 @@ class BatchIterator:
             prompts = getattr(examples, "prompt_lengths", None)
             self.prompt_lengths = np.asarray(
                 prompts if prompts is not None else [ex.prompt_ids.shape[0] for ex in examples], np.int64)
+        # preference pairs with shared_prefix: each row's shared prompt length, for the shared-prefix layout
+        self.pair_prompts = None
+        if shared_prefix and len(self.lengths) and isinstance(examples[0], PairExample):
+            prompts = getattr(examples, "prompt_lengths", None)
+            self.pair_prompts = np.asarray(
+                prompts if prompts is not None else [ex.shared_prompt_length for ex in examples], np.int64)
         self._bucket_of = np.asarray([bucket_for(int(n), self.buckets) for n in self.lengths], dtype=np.int64)
         self.epoch = 0
         self.position = 0
@@ -171,16 +184,37 @@ class BatchIterator:
         for idx in self.epoch_plan(epoch):
             yield self.make_batch(idx)
 
+    def pair_widths(self, indices) -> tuple[int, int] | None:
+        """(prompt, reply) slot widths of a shared-prefix preference batch of rows ``indices`` (every row's, on
+        every host): the buckets of the longest shared prompt and the longest reply; None (a plain batch, a
+        sequence per reply) when the iterator does not share prefixes, a row's chosen and rejected share no
+        prompt token, or the buckets make the shared row no shorter than two plain ones."""
+        if self.pair_prompts is None:
+            return None
+        idx = np.asarray(indices)
+        prompts = self.pair_prompts[idx]
+        if prompts.min() < 1:
+            return None
+        widths = (bucket_for(int(prompts.max()), self.buckets),
+                  bucket_for(int((self.lengths[idx] - prompts).max()), self.buckets))
+        plain = bucket_for(int(self.lengths[idx].max()), self.buckets)
+        return widths if widths[0] + 2 * widths[1] < 2 * plain else None
+
     def make_batch(self, indices: Sequence[int]) -> dict[str, Any]:
         """Collate the rows ``indices`` into one batch of this iterator's shapes."""
+        widths = self.pair_widths(indices)
         if self.host_rows is None:
             rows = [self.examples[i] for i in indices]
+            if widths is not None:
+                return collate_pair_shared(rows, *widths, self.pad_id)
             return collate(rows, bucket_for(required_length(rows, self.buckets[-1]), self.buckets), self.pad_id)
         if len(indices) != self.batch_size:
             raise ConfigError(f"a short batch ({len(indices)} of {self.batch_size} rows) cannot be split over hosts")
         lo, hi = self.host_rows
         idx = np.asarray(indices)
         longest = int(self.lengths[idx].max())
+        if widths is not None:
+            return collate_pair_shared([self.examples[i] for i in idx[lo:hi]], *widths, self.pad_id)
         if self.prompt_lengths is None:
             return collate([self.examples[i] for i in idx[lo:hi]], bucket_for(longest, self.buckets), self.pad_id)
         # KTO, as required_length counts it: every row and every KL pair of the whole batch

@@ -85,6 +85,60 @@ def collate_pair(examples: Sequence[PairExample], length: int, pad_id: int) -> d
     return out
 
 
+def collate_pair_shared(examples: Sequence[PairExample], prompt_width: int, reply_width: int,
+                        pad_id: int) -> dict[str, np.ndarray]:
+    """Preference batch in the shared-prefix layout: each row holds its prompt once, left-padded to
+    ``prompt_width``, then the chosen and the rejected reply, each right-padded to ``reply_width``
+    (``input_ids``, ``attention_mask`` [B, P + 2R]); ``chosen_loss_mask``, ``rejected_loss_mask`` [B, R]
+    cover the replies' slots. The prompt is each row's :attr:`PairExample.shared_prompt_length` tokens (at
+    least 1, so every reply token has a position that predicts it)."""
+    b = len(examples)
+    width = prompt_width + 2 * reply_width
+    ids = np.full((b, width), pad_id, np.int32)
+    attn = np.zeros((b, width), np.int32)
+    loss = {side: np.zeros((b, reply_width), np.float32) for side in ("chosen", "rejected")}
+    for i, ex in enumerate(examples):
+        p = ex.shared_prompt_length
+        if p < 1 or p > prompt_width:
+            raise ValueError(f"row {i}: shared prompt of {p} tokens does not fit 1..{prompt_width}")
+        ids[i, prompt_width - p : prompt_width] = ex.chosen_ids[:p]
+        attn[i, prompt_width - p : prompt_width] = 1
+        for j, (side, seq, mask) in enumerate((("chosen", ex.chosen_ids, ex.chosen_mask),
+                                               ("rejected", ex.rejected_ids, ex.rejected_mask))):
+            n = seq.shape[0] - p
+            if n > reply_width:
+                raise ValueError(f"row {i}: {side} reply of {n} tokens is wider than {reply_width}")
+            start = prompt_width + j * reply_width
+            ids[i, start : start + n] = seq[p:]
+            attn[i, start : start + n] = 1
+            loss[side][i, :n] = mask[p:]
+    out = {"input_ids": ids, "attention_mask": attn, "chosen_loss_mask": loss["chosen"],
+           "rejected_loss_mask": loss["rejected"], "margin": np.asarray([ex.margin for ex in examples], np.float32)}
+    if examples[0].ref_chosen_logps is not None:
+        out["ref_chosen_logps"] = np.asarray([ex.ref_chosen_logps for ex in examples], dtype=np.float32)
+        out["ref_rejected_logps"] = np.asarray([ex.ref_rejected_logps for ex in examples], dtype=np.float32)
+    return out
+
+
+def widen_pair_shared(batch: dict[str, np.ndarray], prompt_width: int, reply_width: int,
+                      pad_id: int) -> dict[str, np.ndarray]:
+    """A :func:`collate_pair_shared` batch re-laid to wider prompt and reply slots (micro-batches of one
+    optimizer step share one shape): prompts padded on the left, replies on the right."""
+    reply = batch["chosen_loss_mask"].shape[1]
+    prompt = batch["input_ids"].shape[1] - 2 * reply
+    if (prompt, reply) == (prompt_width, reply_width):
+        return batch
+    out = dict(batch)
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0)):
+        a = batch[key]
+        parts = [a[:, :prompt], a[:, prompt : prompt + reply], a[:, prompt + reply :]]
+        pads = [(prompt_width - prompt, 0), (0, reply_width - reply), (0, reply_width - reply)]
+        out[key] = np.concatenate([np.pad(x, ((0, 0), w), constant_values=fill) for x, w in zip(parts, pads)], 1)
+    for key in ("chosen_loss_mask", "rejected_loss_mask"):
+        out[key] = np.pad(batch[key], ((0, 0), (0, reply_width - reply)))
+    return out
+
+
 def _kto_seq(prompt: np.ndarray, completion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     ids = np.concatenate([prompt, completion]).astype(np.int32)
     mask = np.concatenate([np.zeros(prompt.shape[0], np.int8), np.ones(completion.shape[0], np.int8)])

@@ -59,6 +59,15 @@ class PairExample:
     def length(self) -> int:
         return int(max(self.chosen_ids.shape[0], self.rejected_ids.shape[0]))
 
+    @property
+    def shared_prompt_length(self) -> int:
+        """Tokens chosen and rejected share before either's first loss token: the prompt a shared-prefix batch
+        (:func:`jaxalign.data.collate.collate_pair_shared`) holds once. 0 when they differ from the start."""
+        first = [int(np.argmax(m > 0)) if np.any(m > 0) else len(m) for m in (self.chosen_mask, self.rejected_mask)]
+        p = min(first)
+        same = self.chosen_ids[:p] == self.rejected_ids[:p]
+        return int(p if same.all() else np.argmin(same))
+
 
 @dataclass(frozen=True)
 class KTOExample:

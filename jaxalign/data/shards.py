@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign.data.encode import EncodedExample, Encoder, EncodeStats, KTOExample
+from jaxalign.data.encode import EncodedExample, Encoder, EncodeStats, KTOExample, PairExample
 from jaxalign.data.formats import BadRow, Example, normalize_row, normalize_rows, task_kind, task_name
 from jaxalign.data.rows import LazySequence, Row
 from jaxalign.errors import DataError
@@ -78,7 +78,8 @@ class EncodedRows(KeptRows):
                  encoded: dict[int, EncodedExample], prompt_lengths: np.ndarray | None = None):
         super().__init__(examples, kept, encoded)
         self.lengths, self._encoder = lengths, encoder
-        self.prompt_lengths = prompt_lengths  # KTO rows: the prompt's share of each length (for the KL pairs)
+        # KTO rows: the prompt's share of each length (for the KL pairs); pairs: the prompt chosen and rejected share
+        self.prompt_lengths = prompt_lengths
 
     @property
     def encoded_here(self) -> int:
@@ -166,6 +167,8 @@ def encode_rows(encoder: Encoder, examples: Sequence[Example], shard: HostShard 
             codes[row], encoded[row] = enc.length, enc
             if isinstance(enc, KTOExample):
                 prompts[row] = enc.prompt_ids.shape[0]
+            elif isinstance(enc, PairExample):
+                prompts[row] = enc.shared_prompt_length
         else:
             codes[row] = DELETED_TOO_LONG if stats.deleted_too_long else NO_LOSS_TOKENS
     # every row's code comes from its one owner; the rest add 0
@@ -177,5 +180,5 @@ def encode_rows(encoder: Encoder, examples: Sequence[Example], shard: HostShard 
     kept = np.flatnonzero(codes > 0)
     stats = EncodeStats(encoded=len(kept), deleted_too_long=int(np.sum(codes == DELETED_TOO_LONG)),
                         no_loss_tokens=int(np.sum(codes == NO_LOSS_TOKENS)))
-    kto = encoder.kind == "kto"
-    return EncodedRows(examples, kept, codes[kept], encoder, encoded, prompts[kept] if kto else None), stats
+    prompted = encoder.kind in ("kto", "pair")
+    return EncodedRows(examples, kept, codes[kept], encoder, encoded, prompts[kept] if prompted else None), stats

@@ -33,6 +33,7 @@ class AlgorithmBase:
     curve_keys: tuple[str, ...] = ("loss",)
     progress_keys: tuple[str, ...] = ("loss",)
     per_host_batches = False  # True: each host builds only its devices' rows of a data batch
+    shares_prompts = False  # True: preference batches hold each prompt once (the shared-prefix layout)
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -20,6 +20,7 @@ from jaxalign.losses.preference import LENGTH_AVERAGED, clear_wins, preference_l
 from jaxalign.parallel.activations import mesh_context
 from jaxalign.parallel.distributed import host_array
 from jaxalign.parallel.rules import batch_sharding
+from jaxalign.trainers import shared_prefix
 from jaxalign.trainers.algorithm import OfflineAlgorithm
 from jaxalign.trainers.logprobs import masked_row_sums, predicting_positions, sequence_logps, token_stats
 
@@ -31,7 +32,17 @@ def pair_forward(model, micro, *, mean_logits: bool = True):
 
     The LM head runs over every position, in chunks (:func:`jaxalign.trainers.logprobs.head_stats`):
     the ``logits/*`` metrics of CPO, SimPO and ORPO average every position, and ORPO's NLL covers the
-    prompt."""
+    prompt. A shared-prefix batch (``input_ids`` [B, P + 2R], :func:`jaxalign.data.collate.collate_pair_shared`)
+    runs each prompt once and gives the same values over the replies' R slots: L = R, position j the reply's
+    token j (its log-prob, the vocabulary mean of the logits predicting it), the attention masks None."""
+    if "input_ids" in micro:
+        width = micro["chosen_loss_mask"].shape[1]
+        out = shared_prefix.completion_stats(model, micro["input_ids"], micro["attention_mask"], (width, width),
+                                             mean_logits=mean_logits)
+        halves = lambda x: None if x is None else jnp.concatenate([x[:, :width], x[:, width:]])
+        mask = jnp.concatenate([micro["chosen_loss_mask"], micro["rejected_loss_mask"]])
+        sums, counts = sequence_logps(halves(out.logps), mask)
+        return sums, counts, halves(out.mean_logits), halves(out.logps), mask, None
     ids = jnp.concatenate([micro["chosen_input_ids"], micro["rejected_input_ids"]])
     attn = jnp.concatenate([micro["chosen_attention_mask"], micro["rejected_attention_mask"]])
     mask = jnp.concatenate([micro["chosen_loss_mask"], micro["rejected_loss_mask"]])
@@ -58,6 +69,9 @@ class PairPreference(OfflineAlgorithm):
         # MPO: an "sft" entry in a DPO mixture adds the chosen NLL with its weight.
         self.nll_weight += sum(w for t, w in zip(self.loss_types, self.loss_weights) if t == "sft")
         self.needs_reference = self.name == "dpo" and not cfg.reference_free
+        # DPO reads only the replies' log-probs: each prompt goes through the model once for both replies. CPO,
+        # SimPO and ORPO log (and ORPO trains on) every position's logits, so they keep a sequence per reply.
+        self.shares_prompts = self.name == "dpo" and bool(cfg.shared_prefix)
         # CPO's ipo, SimPO and ORPO feed length-averaged log-probs to the loss and, as TRL, log those.
         self.logs_averages = self.name in ("simpo", "orpo") or (
             self.name == "cpo" and self.loss_types[0] in LENGTH_AVERAGED)
@@ -117,25 +131,30 @@ class PairPreference(OfflineAlgorithm):
         self.bco_mean = (self.bco_mean * self.bco_count + batch_mean * n) / total
         self.bco_count = total
 
+    def logit_mask(self, loss_mask, attention_mask):
+        """:meth:`logit_positions` of a plain batch; a shared-prefix batch's values already sit at the replies'
+        tokens (only DPO shares prompts), so its loss mask."""
+        return loss_mask if attention_mask is None else self.logit_positions(loss_mask, attention_mask)
+
     def totals_fn(self, batch):
-        rows = batch["chosen_input_ids"].shape[0] * batch["chosen_input_ids"].shape[1]
-        side = {k: (batch[f"{k}_loss_mask"], batch[f"{k}_attention_mask"]) for k in ("chosen", "rejected")}
+        rows = batch["chosen_loss_mask"].shape[0] * batch["chosen_loss_mask"].shape[1]
+        side = {k: (batch[f"{k}_loss_mask"], batch.get(f"{k}_attention_mask")) for k in ("chosen", "rejected")}
         return {
             "rows": jnp.asarray(rows, jnp.float32),
             "chosen_tokens": jnp.maximum(jnp.sum(self.nll_tokens(*side["chosen"])), 1.0),
-            "chosen_logit_positions": jnp.maximum(jnp.sum(self.logit_positions(*side["chosen"])), 1.0),
-            "rejected_logit_positions": jnp.maximum(jnp.sum(self.logit_positions(*side["rejected"])), 1.0),
+            "chosen_logit_positions": jnp.maximum(jnp.sum(self.logit_mask(*side["chosen"])), 1.0),
+            "rejected_logit_positions": jnp.maximum(jnp.sum(self.logit_mask(*side["rejected"])), 1.0),
         }
 
     def loss_fn(self, model, micro, totals, extra, rng):
         bco_delta = 0.0
         if self.uses_bco:
             extra, bco_delta = extra["ref"], extra["bco_delta"]
-        b = micro["chosen_input_ids"].shape[0]
+        b = micro["chosen_loss_mask"].shape[0]
         sums, counts, mean_logits, tlp, mask, attn = pair_forward(model, micro)
         avg = sums / jnp.maximum(counts, 1.0)
-        nll_sum = -jnp.sum(tlp[:b] * self.nll_tokens(mask[:b], attn[:b]))
-        logit_sums = masked_row_sums(mean_logits, self.logit_positions(mask, attn))
+        nll_sum = -jnp.sum(tlp[:b] * self.nll_tokens(mask[:b], None if attn is None else attn[:b]))
+        logit_sums = masked_row_sums(mean_logits, self.logit_mask(mask, attn))
         ref_sums = ref_avg = None
         if self.name == "dpo" and not self.cfg.reference_free:
             if "ref_chosen_logps" in micro:
@@ -218,7 +237,7 @@ class PairPreference(OfflineAlgorithm):
 
         bs = trainer.micro_batch
         it = BatchIterator(examples, bs, trainer.buckets, seed=0, pad_id=trainer.pad_id, drop_last=False,
-                           host_rows=trainer._host_rows(bs))
+                           host_rows=trainer._host_rows(bs), shared_prefix=self.shares_prompts)
         chosen, rejected = np.zeros(len(examples)), np.zeros(len(examples))
         for idx in it.epoch_plan(0):
             idx = list(idx)

@@ -1,6 +1,7 @@
 """One prompt, several completions, one row: the shared-prefix layout of a training forward.
 
-GRPO trains ``num_generations`` completions of each prompt; DPO a chosen and a rejected reply. Laid out one
+GRPO trains ``num_generations`` completions of each prompt; DPO a chosen and a rejected reply
+(:func:`jaxalign.data.collate.collate_pair_shared` lays those out). Laid out one
 sequence per completion, every completion carries its own copy of the prompt through every layer. Here a row
 holds the prompt once, left-padded to its bucket, followed by the completions, each right-padded to its own
 length::
@@ -72,12 +73,14 @@ def positions(attention_mask: jnp.ndarray, prompt_len: int, completion_lens: tup
 
 
 def completion_stats(model, input_ids, attention_mask, completion_lens: tuple[int, ...], *,
-                     temperature: float = 1.0, entropy: bool = False) -> HeadStats:
-    """One forward over packed rows [R, P + sum(C_i)]: each completion token's log-prob (and entropy) at
-    ``temperature``, [R, sum(C_i)] in the row's order. Only those positions go through the LM head."""
+                     temperature: float = 1.0, entropy: bool = False, mean_logits: bool = False) -> HeadStats:
+    """One forward over packed rows [R, P + sum(C_i)]: each completion token's log-prob (and the entropy and
+    vocabulary-mean logit of the position predicting it) at ``temperature``, [R, sum(C_i)] in the row's order.
+    Only those positions go through the LM head."""
     total = int(sum(completion_lens))
     prompt_len = input_ids.shape[1] - total
     hidden, _ = model.hidden_states(input_ids, attention_mask, positions(attention_mask, prompt_len, completion_lens),
                                     segments=segments(prompt_len, completion_lens))
     picked = hidden[:, predicting_index(prompt_len, completion_lens)]
-    return head_stats(picked, model.logits, input_ids[:, prompt_len:], temperature=temperature, entropy=entropy)
+    return head_stats(picked, model.logits, input_ids[:, prompt_len:], temperature=temperature, entropy=entropy,
+                      mean_logits=mean_logits)

@@ -149,7 +149,7 @@ class Trainer:
         try:
             rows = algorithm.rows_per_batch(self)
             self.batches = BatchIterator(data.train, rows, self.buckets, seed=cfg.data_seed, pad_id=self.pad_id,
-                                         host_rows=self._host_rows(rows))
+                                         host_rows=self._host_rows(rows), shared_prefix=algorithm.shares_prompts)
         except ConfigError as e:  # too few rows: name the dataset
             raise ConfigError(f"--dataset {cfg.dataset}: {e}") from None
         if jax.process_count() > 1 and self.main_process:
@@ -235,7 +235,7 @@ class Trainer:
         if not self.data.val:
             return {}
         it = BatchIterator(self.data.val, self.eval_batch, self.buckets, seed=0, pad_id=self.pad_id, drop_last=False,
-                           host_rows=self._host_rows(self.eval_batch))
+                           host_rows=self._host_rows(self.eval_batch), shared_prefix=self.algo.shares_prompts)
         extra = self.algo.extra()
         if self.eval_fn is None:
             fn = build_eval_step(self.graphdef, self.rest, self.algo.loss_fn, self.algo.totals_fn)
