@@ -10,7 +10,7 @@ from jaxalign.trainers.preference import PairPreference
 def _cfg(**kw):
     base = dict(rlhf_type="dpo", beta=0.1, loss_type="sigmoid,bco_pair", loss_weights="0.5,0.5", label_smoothing=0.0,
                 rpo_alpha=0.0, reference_free=False, precompute_ref_log_probs=False, discopop_tau=0.05,
-                cpo_alpha=1.0, simpo_gamma=1.0)
+                cpo_alpha=1.0, simpo_gamma=1.0, shared_prefix=True)
     base.update(kw)
     return types.SimpleNamespace(**base)
 
