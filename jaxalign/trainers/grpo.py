@@ -3,7 +3,8 @@
 Each generation: take prompts, sample ``num_generations`` completions per prompt with the
 sampler (one compiled call), score them with the reward functions on the host, compute
 group advantages, cut the completions to the bucket of the longest one and the prompts' left padding to the
-bucket of the longest prompt, and take ``num_iterations`` passes over the generation in micro-batches,
+bucket of the longest prompt, lay each prompt out once with k of its completions (``--shared_prefix``, see
+:mod:`jaxalign.trainers.shared_prefix`), and take ``num_iterations`` passes over the generation in micro-batches,
 ``gradient_accumulation_steps`` micro-batches per optimizer step. Every shape is fixed by (prompt bucket, completion bucket), so the update compiles at most once per
 pair.
 """
@@ -22,8 +23,8 @@ from jaxalign.losses import group_advantages
 from jaxalign.rewards import build_reward_funcs, split_names
 from jaxalign.rewards.host_scoring import score_on_hosts
 from jaxalign.rewards.model_reward import RewardModelReward
-from jaxalign.trainers.algorithm import RolloutAlgorithm
 from jaxalign.trainers import shared_prefix
+from jaxalign.trainers.algorithm import RolloutAlgorithm
 from jaxalign.trainers.grpo_step import GRPOUpdate
 
 
