@@ -351,6 +351,9 @@ def build_plan(cfg, devices, *, num_layers: int | None = None) -> Plan:
     what = ("the largest length bucket" if algorithm.spec.data_kind != "prompt" else
             f"prompts padded to the largest length bucket, {length}, + {cfg.max_completion_length} sampled")
     notes = [f"batch: {run.accum} x {run.micro_batch} rows of {seq} tokens ({what})"]
+    if algorithm.name == "grpo" and algorithm.pack > 1:
+        notes.append(f"shared-prefix rows: each prompt once with {algorithm.pack} of its completions, "
+                     f"{rows // run.accum} rows of {tokens // rows} tokens per step")
     programs = [Program("train step", lowered, parts, elsewhere, train_flops, notes, lower_s)]
 
     facts = {
