@@ -200,7 +200,8 @@ def test_shared_prefix_step_equals_a_sequence_per_reply(env):
     """--shared_prefix false runs chosen and rejected as sequences of their own; on the same rows (same seed) the
     default's two steps (2 accumulated micro-batches of different widths, re-laid to one shape) give every
     metric to float32 rounding."""
-    flags = dict(CASES["dpo_sigmoid"][0], ref_model=str(env["root"] / "ref"), **LEARN)
+    # gradient checkpointing on, as users run it (this module's other tests turn it off)
+    flags = dict(CASES["dpo_sigmoid"][0], ref_model=str(env["root"] / "ref"), gradient_checkpointing=True, **LEARN)
     shared, plain = _trainer(env, **flags), _trainer(env, **flags, shared_prefix=False)
     for _ in range(2):
         a, b = shared.algo.next_step_batch(shared), plain.algo.next_step_batch(plain)
