@@ -130,6 +130,19 @@ def test_kv_cache_prefill_and_decode(impl, window):
           reference(one, k, v, valid, q_slots[-1:], k_slots, window))
 
 
+@pytest.mark.parametrize("window", [None, 4])
+def test_decode_step_over_cache_blocks(window):
+    """A decode step's query (one per row, 2 query heads per kv head) over a per-layer cache's blocks of 16, 16
+    and 8 slots, read in place: the float64 reference over the joined slots."""
+    q, k, v, valid = inputs(t=1, s=40, pads=(0, 3, 22))
+    valid[:, 31:] = 0  # not yet written
+    q_slots, k_slots = np.array([30]), np.arange(40)
+    blocks = lambda x: (x[:, :, :16], x[:, :, 16:32], x[:, :, 32:])
+    out = jax.jit(lambda q, k, v: attend(q, k, v, valid, q_slots, k_slots, sliding_window=window, impl="xla"))(
+        q, blocks(k), blocks(v))
+    check(out, reference(q, k, v, valid, q_slots, k_slots, window))
+
+
 # ----- soft-capping (Gemma 2) and a scale other than 1/sqrt(D) -------------------------------------------------
 # The inputs' scores reach ~+-10 at this scale, so a cap of 2 changes every softmax a lot.
 SCALE, CAP = 1.7, 2.0

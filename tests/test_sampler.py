@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import math
 
 import jax
@@ -65,13 +67,29 @@ def test_greedy_equals_transformers(family, tmp_path):
     assert int(out.steps) == want_len.max()
 
 
-@pytest.mark.parametrize("family,overrides", [("llama", {}), ("mistral", dict(sliding_window=24))])
-def test_greedy_over_decode_phases_equals_transformers(family, overrides, tmp_path):
+@pytest.fixture
+def weights_sliced_in_loop(monkeypatch):
+    """The sampler as it runs on an accelerator: each decode step reads the layer weights out of the stacked
+    parameters, instead of CPU's copies taken once before the loop (``slices_weights_once``)."""
+    generate_module = importlib.import_module("jaxalign.rollout.generate")  # the package exports the function
+
+    monkeypatch.setattr(generate_module, "slices_weights_once", lambda mesh: False)
+    generate_module._compiled.cache_clear()  # a sampler traced the CPU way must not be reused
+    yield
+    generate_module._compiled.cache_clear()
+
+
+@pytest.mark.parametrize("family,overrides,weights", [("llama", {}, "sliced once"), ("mistral", dict(sliding_window=24),
+                         "sliced once"), ("llama", {}, "sliced in the loop")])
+def test_greedy_over_decode_phases_equals_transformers(family, overrides, weights, tmp_path, request):
     """70 new tokens decode in three phases (cache blocks ending at P+32, P+64, P+70; each phase attends only to
     the blocks so far): greedy tokens equal transformers' for every position, past the sliding window too, and
-    each sampled token's log-prob equals log-softmax of one full forward over prompt + completion."""
+    each sampled token's log-prob equals log-softmax of one full forward over prompt + completion. Both ways of
+    reading the layer weights: sliced once before the loop (CPU) and out of the stack at every step."""
     from jaxalign.rollout.generate import decode_read_bounds
 
+    if weights == "sliced in the loop":
+        request.getfixturevalue("weights_sliced_in_loop")
     hf = save_hf_model_dir(family, tmp_path, seed=2, **overrides)
     hf.generation_config.eos_token_id = None
     model = load_hf_model(tmp_path)
@@ -238,3 +256,47 @@ def test_no_retrace_and_early_stop(tiny):
     want = np.array([list(toks[i]).index(toks[i, 2]) + 1 for i in range(4)])
     np.testing.assert_array_equal(lengths, want)
     assert int(out.steps) == want.max() <= 3 < n_new  # the while_loop stopped early
+
+
+def _stacked_weight_reads_in_loops(model, ids, mask) -> int:
+    """How many operations inside the sampler's while loops take a stacked layer parameter [L, ...] as input."""
+    from jaxalign.rollout.generate import sampler_call
+
+    graphdef, state = nnx.split(model)
+    fn, stops = sampler_call(graphdef, model.config, len(ids), max_new_tokens=6, temperature=0.0,
+                             stop_token_ids=())
+    closed = jax.make_jaxpr(fn)(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stops), jax.random.key(0))
+    stacked = {tuple(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model.layers))}
+
+    def walk(jaxpr, in_loop):
+        count = 0
+        for eqn in jaxpr.eqns:
+            if in_loop and any(tuple(getattr(v.aval, "shape", ())) in stacked for v in eqn.invars):
+                count += 1
+            for param in eqn.params.values():
+                for sub in param if isinstance(param, (tuple, list)) else (param,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        count += walk(inner, in_loop or eqn.primitive.name == "while")
+        return count
+
+    return walk(closed.jaxpr, False)
+
+
+def test_on_cpu_the_decode_loop_reads_no_stacked_weights(monkeypatch):
+    """On CPU the layer weights are sliced out of the stack once, before the decode loop, so no operation inside
+    the loop reads a stacked parameter; the accelerator path reads each layer's weights out of the stack at
+    every step (the count this test sees when it turns the CPU rule off)."""
+    generate_module = importlib.import_module("jaxalign.rollout.generate")  # the package exports the function
+
+    model = Decoder(dataclasses.replace(TINY, num_hidden_layers=3), rngs=nnx.Rngs(1))
+    ids, mask = left_padded([3, 5], 16, seed=1)
+    assert generate_module.slices_weights_once(None)  # this machine is a CPU
+    generate_module._compiled.cache_clear()
+    assert _stacked_weight_reads_in_loops(model, ids, mask) == 0
+    monkeypatch.setattr(generate_module, "slices_weights_once", lambda mesh: False)
+    generate_module._compiled.cache_clear()
+    try:
+        assert _stacked_weight_reads_in_loops(model, ids, mask) >= 3 * 7  # each layer's 7 weight matrices
+    finally:
+        generate_module._compiled.cache_clear()

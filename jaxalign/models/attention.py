@@ -219,19 +219,29 @@ def _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, scale: fl
     b, t, n, d = q.shape
     kv_heads = k_blocks[0].shape[1]
     groups = n // kv_heads
-    q = q.reshape(b, t, kv_heads, groups, d)
-    scores = [jnp.einsum("btkgd,bksd->bkgts", q, kb, preferred_element_type=jnp.float32) for kb in k_blocks]
+    # One query per row (a decode step): each kv head's query groups are the rows of a plain [G, D] x [D, S] dot.
+    # With the length axis between the batch axes XLA:CPU lays these dots out ~4x slower (batch 64, 96 slots).
+    decode = t == 1
+    if decode:
+        q, score_eq, out_eq = q.reshape(b, kv_heads, groups, d), "bkgd,bksd->bkgs", "bkgs,bksd->bkgd"
+    else:
+        q, score_eq, out_eq = q.reshape(b, t, kv_heads, groups, d), "btkgd,bksd->bkgts", "bkgts,bksd->btkgd"
+    scores = [jnp.einsum(score_eq, q, kb, preferred_element_type=jnp.float32) for kb in k_blocks]
     scores = scores[0] if len(scores) == 1 else jnp.concatenate(scores, axis=-1)
+    if decode:
+        scores = scores[:, :, :, None, :]  # [B, K, G, T=1, S]
     scores = scores * (d**-0.5 if scale is None else scale)
     if softcap is not None:
         scores = jnp.tanh(scores / softcap) * softcap
     allowed = _allowed(key_valid, q_slots, k_slots, sliding_window)  # [B, T, S]
     scores = jnp.where(allowed[:, None, None, :, :], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_blocks[0].dtype)
+    if decode:
+        probs = probs[:, :, :, 0, :]
     out, start = 0, 0
     for vb in v_blocks:
         width = vb.shape[2]
-        out = out + jnp.einsum("bkgts,bksd->btkgd", probs[..., start : start + width], vb)
+        out = out + jnp.einsum(out_eq, probs[..., start : start + width], vb)
         start += width
     return out.reshape(b, t, n, d)
 

@@ -268,10 +268,11 @@ class Decoder(nnx.Module):
         self.lm_head = None if c.tie_word_embeddings else _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"))
 
     def hidden_states(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None,
-                      segments=None):
+                      segments=None, layers: tuple | None = None):
         """Final-norm hidden states [B, T, hidden] in the compute dtype (and the updated cache). ``segments`` [T]
         (a numpy array, no cache): slot t attends to segment 0 and its own segment only (one prompt shared by
-        several completions: :mod:`jaxalign.trainers.shared_prefix`); pass the ``positions`` that go with it."""
+        several completions: :mod:`jaxalign.trainers.shared_prefix`); pass the ``positions`` that go with it.
+        ``layers``: the per-layer modules of :meth:`layer_list`, used over a per-layer cache (a decode step)."""
         if segments is not None and cache is not None:
             raise ValueError("segments apply to a forward without a KV cache")
         b, t = input_ids.shape
@@ -297,7 +298,7 @@ class Decoder(nnx.Module):
         x = embedding_lookup(self.embed_tokens[...], input_ids, self.dtype)
         if self.config.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype first, as transformers does
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), jnp.float32).astype(self.dtype)
-        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache, segments)
+        x, new_kv = self._scan_layers(x, rope, key_valid, q_slots, k_slots, cache, segments, layers)
         x = constrain(self.norm(x), (BATCH, LENGTH, EMBED))
         if cache is None:
             return x, None
@@ -335,7 +336,7 @@ class Decoder(nnx.Module):
             return rope[2:] if local else rope[:2]
         return jnp.where(local, rope[2], rope[0]), jnp.where(local, rope[3], rope[1])
 
-    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None, segments=None):
+    def _scan_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache | None, segments=None, layers=None):
         """Run the stacked layers over ``x`` with ``jax.lax.scan``: (output, (keys, values) or None)."""
         graphdef, state = nnx.split(self.layers)
         windows = self.layer_windows()
@@ -369,19 +370,28 @@ class Decoder(nnx.Module):
             return (y, keys, values), None
 
         if is_unstacked(cache):
-            return self._unrolled_layers(x, rope, key_valid, q_slots, k_slots, cache)
+            return self._unrolled_layers(x, rope, key_valid, q_slots, k_slots, cache, layers)
         (x, keys, values), _ = jax.lax.scan(cached_body, (x, cache.keys, cache.values), xs)
         return x, (keys, values)
 
-    def _unrolled_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache):
+    def layer_list(self) -> tuple:
+        """Each layer as its own module, its parameters sliced out of the stack: a copy of every layer's weights.
+        On CPU the sampler takes them once, outside its decode loop, since slicing the stack inside the loop
+        copies every layer's weights at every step (XLA:CPU does not read a slice in place as a dot operand; ~13%
+        of the decode at ~23M parameters, batch 64). On accelerators it does not, the memory matters more, and
+        the slices stay in the loop (see :func:`jaxalign.rollout.generate.slices_weights_once`)."""
+        graphdef, state = nnx.split(self.layers)
+        return tuple(nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
+                     for i in range(self.config.num_hidden_layers))
+
+    def _unrolled_layers(self, x, rope, key_valid, q_slots, k_slots, cache: KVCache, layers=None):
         """The layers one after another (a Python loop, so one copy of the layer per layer in the program) over a
         per-layer cache (:func:`~jaxalign.models.kv_cache.unstack`): each layer's cache is updated and read in
         place. The sampler's decode step runs this way; it is forward-only, so the program grows by one layer's
-        forward per layer."""
-        graphdef, state = nnx.split(self.layers)
+        forward per layer. ``layers``: :meth:`layer_list`'s modules, sliced by the caller; else sliced here."""
+        layers = self.layer_list() if layers is None else layers
         keys, values = list(cache.keys), list(cache.values)
-        for i in range(self.config.num_hidden_layers):
-            layer = nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
+        for i, layer in enumerate(layers):
             window = self.config.layer_sliding_window(i)
             cos, sin = self._layer_rope(rope, self.config.layer_uses_local_rope(i))
             x, (keys[i], values[i]) = layer(x, cos, sin, key_valid, q_slots, k_slots, window,
@@ -403,8 +413,9 @@ class Decoder(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, features(logits, VOCAB))
 
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None):
-        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache=cache)
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, cache: KVCache | None = None,
+                 layers: tuple | None = None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache=cache, layers=layers)
         logits = self.logits(hidden)
         if cache is None:
             return logits
