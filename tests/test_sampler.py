@@ -300,3 +300,21 @@ def test_on_cpu_the_decode_loop_reads_no_stacked_weights(monkeypatch):
         assert _stacked_weight_reads_in_loops(model, ids, mask) >= 3 * 7  # each layer's 7 weight matrices
     finally:
         generate_module._compiled.cache_clear()
+
+
+def test_token_choice_equals_argmax_and_categorical():
+    """Greedy picks numpy's argmax (the first of tied maxima, -inf entries never); a draw at temperature > 0
+    is ``jax.random.categorical``'s for the same key."""
+    from jaxalign.rollout.sampling import select_tokens
+
+    rng = np.random.default_rng(0)
+    logits = np.round(rng.normal(size=(32, 50)), 1).astype(np.float32)  # rounded: many ties
+    logits[:, 40:] = -np.inf
+    logits[3] = 2.0  # a row of equal logits
+    np.testing.assert_array_equal(np.asarray(select_tokens(jnp.asarray(logits), jax.random.key(0), 0.0)),
+                                  np.argmax(logits, -1))
+    for seed in range(3):
+        key = jax.random.key(seed)
+        got = np.asarray(select_tokens(jnp.asarray(logits), key, 1.0))
+        np.testing.assert_array_equal(got, np.asarray(jax.random.categorical(key, jnp.asarray(logits), axis=-1)))
+        assert (got < 40).all()

@@ -74,11 +74,21 @@ def process_logits(
     return apply_top_p(logits, top_p)
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """``jnp.argmax(x, -1)`` (the first of tied maxima) as int32, for rows without NaN: the row maximum, then the
+    lowest index holding it. Two plain reductions; XLA:CPU runs argmax's paired (value, index) reduction ~3.5x
+    slower over a 32000-token vocabulary (4.7 vs 1.3 ms at 64 rows), once per decode step."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, index, x.shape[-1] - 1), axis=-1)
+
+
 def select_tokens(processed: jax.Array, key: jax.Array, temperature: float) -> jax.Array:
-    """Argmax when ``temperature == 0``, else one draw per row from softmax(processed)."""
+    """Argmax when ``temperature == 0``, else one draw per row from softmax(processed): the Gumbel-max draw of
+    ``jax.random.categorical`` (the same noise, so the same tokens), taken with :func:`first_argmax`."""
     if temperature <= 0:
-        return jnp.argmax(processed, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, processed, axis=-1).astype(jnp.int32)
+        return first_argmax(processed)
+    return first_argmax(processed + jax.random.gumbel(key, processed.shape, processed.dtype))
 
 
 def token_logps(raw_logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
