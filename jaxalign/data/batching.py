@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign.data.collate import (collate, collate_kto_rows, collate_pair_shared, kl_rotation, required_length,
-                                  widen_pair_shared)
+from jaxalign.data.collate import (collate, collate_kto_rows, collate_pair_shared, kl_rotation,
+                                  pair_shared_widths, required_length, widen_pair_shared)
 from jaxalign.data.encode import EncodedExample, KTOExample, PairExample
 from jaxalign.errors import ConfigError
 
@@ -54,8 +54,7 @@ def stack_micro_batches(batches: list[dict], pad_id: int) -> dict[str, np.ndarra
     """[A] batches of possibly different bucket lengths -> arrays [A, B, ...] padded to the longest (shared-prefix
     preference batches re-laid to the widest prompt and reply slots)."""
     if "chosen_loss_mask" in batches[0] and "input_ids" in batches[0]:
-        replies = [b["chosen_loss_mask"].shape[1] for b in batches]
-        prompts = [b["input_ids"].shape[1] - 2 * r for b, r in zip(batches, replies)]
+        prompts, replies = zip(*(pair_shared_widths(b) for b in batches))
         batches = [widen_pair_shared(b, max(prompts), max(replies), pad_id) for b in batches]
     out = {}
     for key in batches[0]:

@@ -120,12 +120,17 @@ def collate_pair_shared(examples: Sequence[PairExample], prompt_width: int, repl
     return out
 
 
+def pair_shared_widths(batch: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(prompt, reply) slot widths of a :func:`collate_pair_shared` batch: rows are P + 2R wide, the loss masks R."""
+    reply = batch["chosen_loss_mask"].shape[1]
+    return batch["input_ids"].shape[1] - 2 * reply, reply
+
+
 def widen_pair_shared(batch: dict[str, np.ndarray], prompt_width: int, reply_width: int,
                       pad_id: int) -> dict[str, np.ndarray]:
     """A :func:`collate_pair_shared` batch re-laid to wider prompt and reply slots (micro-batches of one
     optimizer step share one shape): prompts padded on the left, replies on the right."""
-    reply = batch["chosen_loss_mask"].shape[1]
-    prompt = batch["input_ids"].shape[1] - 2 * reply
+    prompt, reply = pair_shared_widths(batch)
     if (prompt, reply) == (prompt_width, reply_width):
         return batch
     out = dict(batch)
