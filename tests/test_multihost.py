@@ -6,6 +6,7 @@ lines, and a run stopped after its checkpoint resumes on both hosts to the same 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,10 @@ from helpers import make_model_dir, read_jsonl, write_jsonl
 
 STEPS = 2
 TIMEOUT = 420
+
+# One pytest-xdist worker runs this file (``--dist loadgroup`` in pyproject.toml): the fixture's folders are built
+# once, and the resume test reuses the straight two-host GRPO run of test_two_hosts_equal_one[grpo].
+pytestmark = pytest.mark.xdist_group("multihost")
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +95,8 @@ def free_port() -> int:
 def launch(args: list[str], out: Path, processes: int, devices: int) -> list[subprocess.CompletedProcess]:
     """Run ``jaxalign args --output_dir out`` as ``processes`` processes with ``devices`` CPU devices each."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
-    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    kept = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    env.update(XLA_FLAGS=f"{kept} --xla_force_host_platform_device_count={devices}".strip(), JAX_PLATFORMS="cpu")
     port = free_port()
     procs = []
     for i in range(processes):
