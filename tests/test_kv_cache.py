@@ -90,17 +90,20 @@ def test_decode_over_per_layer_cache_equals_full_forward(models, case):
         np.testing.assert_allclose(np.asarray(layer_slots(v)), np.asarray(stacked.values[i]), atol=TOL)
 
 
+@pytest.mark.parametrize("row_parts", [1, 3])
 @pytest.mark.parametrize("case", ["llama", "mistral_sliding_window"])
-def test_decode_in_phases_over_blocks_equals_full_forward(models, case):
+def test_decode_in_phases_over_blocks_equals_full_forward(models, case, row_parts):
     """The sampler's phases: prefill a cache of the prompt's slots only, add two empty blocks (2 and 3 slots),
     decode 2 steps attending to the prompt and the first block, then 3 over all three blocks; every step equals
-    the full forward, and the blocks joined hold what a stacked cache of every slot holds."""
+    the full forward, and the blocks joined hold what a stacked cache of every slot holds. With ``row_parts`` 3
+    each block is 3 arrays of one row."""
     model = models(case)
     prompt, prompt_mask, new_tokens = data(model.config.vocab_size)
     full = full_forward(model, prompt, prompt_mask, new_tokens)
     cache = init_cache(model.config, len(PROMPT_LENGTHS), PROMPT_WIDTH)
     _, cache = cached_forward(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache)
-    blocks = unstack(cache, blocks=(2, 3))
+    blocks = unstack(cache, blocks=(2, 3), row_parts=row_parts)
+    assert all(isinstance(block, tuple) == (row_parts > 1) for block in blocks.keys[0])
     assert blocks.max_len == PROMPT_WIDTH + STEPS and blocks.read_slots == PROMPT_WIDTH + STEPS
     phase1 = first_blocks(blocks, 2)
     assert phase1.read_slots == PROMPT_WIDTH + 2

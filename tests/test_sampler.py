@@ -79,17 +79,32 @@ def weights_sliced_in_loop(monkeypatch):
     generate_module._compiled.cache_clear()
 
 
+@pytest.fixture
+def one_row_per_part(monkeypatch):
+    """The decode's per-layer cache split into one row part per row (CPU splits 16 rows or more in 2)."""
+    generate_module = importlib.import_module("jaxalign.rollout.generate")
+
+    monkeypatch.setattr(generate_module, "decode_row_parts", lambda mesh, rows: rows)
+    generate_module._compiled.cache_clear()
+    yield
+    generate_module._compiled.cache_clear()
+
+
 @pytest.mark.parametrize("family,overrides,weights", [("llama", {}, "sliced once"), ("mistral", dict(sliding_window=24),
-                         "sliced once"), ("llama", {}, "sliced in the loop")])
+                         "sliced once"), ("llama", {}, "sliced in the loop"), ("llama", {}, "rows in parts"),
+                         ("mistral", dict(sliding_window=24), "rows in parts")])
 def test_greedy_over_decode_phases_equals_transformers(family, overrides, weights, tmp_path, request):
     """70 new tokens decode in three phases (cache blocks ending at P+32, P+64, P+70; each phase attends only to
     the blocks so far): greedy tokens equal transformers' for every position, past the sliding window too, and
     each sampled token's log-prob equals log-softmax of one full forward over prompt + completion. Both ways of
-    reading the layer weights: sliced once before the loop (CPU) and out of the stack at every step."""
+    reading the layer weights: sliced once before the loop (CPU) and out of the stack at every step; and with the
+    cache's blocks split into row parts (here one row each)."""
     from jaxalign.rollout.generate import decode_read_bounds
 
     if weights == "sliced in the loop":
         request.getfixturevalue("weights_sliced_in_loop")
+    if weights == "rows in parts":
+        request.getfixturevalue("one_row_per_part")
     hf = save_hf_model_dir(family, tmp_path, seed=2, **overrides)
     hf.generation_config.eos_token_id = None
     model = load_hf_model(tmp_path)
@@ -265,7 +280,7 @@ def _stacked_weight_reads_in_loops(model, ids, mask) -> int:
     graphdef, state = nnx.split(model)
     fn, stops = sampler_call(graphdef, model.config, len(ids), max_new_tokens=6, temperature=0.0,
                              stop_token_ids=())
-    closed = jax.make_jaxpr(fn)(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stops), jax.random.key(0))
+    closed = fn.trace(state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(stops), jax.random.key(0)).jaxpr
     stacked = {tuple(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model.layers))}
 
     def walk(jaxpr, in_loop):
@@ -318,3 +333,17 @@ def test_token_choice_equals_argmax_and_categorical():
         got = np.asarray(select_tokens(jnp.asarray(logits), key, 1.0))
         np.testing.assert_array_equal(got, np.asarray(jax.random.categorical(key, jnp.asarray(logits), axis=-1)))
         assert (got < 40).all()
+
+
+def test_decode_row_parts_and_cpu_scheduling_options():
+    """On one CPU device the decode splits 16 rows or more (an even number) in 2 parts, and the sampler compiles
+    with XLA:CPU's concurrency-optimised scheduling, when this XLA knows the option; elsewhere neither."""
+    from jaxalign.rollout.generate import CPU_SCHEDULING, compiler_options, decode_row_parts
+
+    assert jax.devices()[0].platform == "cpu"
+    assert [decode_row_parts(None, rows) for rows in (1, 3, 8, 15, 16, 17, 64)] == [1, 1, 1, 1, 2, 1, 2]
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("data",))
+    assert decode_row_parts(mesh, 64) == 1  # rows sharded over devices stay whole
+    assert compiler_options("cpu") == CPU_SCHEDULING
+    assert compiler_options("tpu") is None and compiler_options("gpu") is None
+    assert compiler_options("cpu", (("xla_cpu_no_such_option", True),)) is None

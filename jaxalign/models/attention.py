@@ -82,6 +82,7 @@ def attend(q, k, v, key_valid, q_slots, k_slots, *, sliding_window=None, impl: s
 
     ``k`` and ``v`` may also be tuples of blocks [B, K, S_b, D] covering consecutive slots (a per-layer KV cache,
     see :mod:`jaxalign.models.kv_cache`): each block is read in place and the scores are joined, with ``xla``.
+    Blocks split into row parts (tuples of [B / parts, K, S_b, D]) are attended part by part.
     """
     if impl not in IMPLS:
         raise ValueError(f"attention implementation {impl!r}; choose one of {', '.join(IMPLS)}")
@@ -216,6 +217,12 @@ def _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, scale: fl
     """The scores in float32, masked with finfo.min (a row with no allowed key averages every key). ``k``, ``v``
     may be tuples of blocks along the slots: the scores of each block are joined before the softmax."""
     k_blocks, v_blocks = (k, v) if isinstance(k, tuple) else ((k,), (v,))
+    if isinstance(k_blocks[0], tuple):  # blocks split into row parts: each part's rows over its own arrays
+        rows = k_blocks[0][0].shape[0]
+        return jnp.concatenate([
+            _xla(q[i * rows:(i + 1) * rows], tuple(kb[i] for kb in k_blocks), tuple(vb[i] for vb in v_blocks),
+                 key_valid[i * rows:(i + 1) * rows], q_slots, k_slots, sliding_window, scale=scale, softcap=softcap)
+            for i in range(len(k_blocks[0]))], axis=0)
     b, t, n, d = q.shape
     kv_heads = k_blocks[0].shape[1]
     groups = n // kv_heads

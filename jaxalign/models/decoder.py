@@ -24,7 +24,7 @@ from flax import nnx
 from jaxalign.models.attention import IMPLS as ATTN_IMPLS
 from jaxalign.models.attention import NO_WINDOW, attend, segment_slots
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.kv_cache import KVCache, is_unstacked
+from jaxalign.models.kv_cache import KVCache, block_slots, is_unstacked, write_block
 from jaxalign.models.rope import apply_rope, inverse_frequencies, rope_tables
 from jaxalign.parallel.activations import (
     BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH, MLP as MLP_AXIS, VOCAB,
@@ -126,11 +126,9 @@ class Attention(nnx.Module):
             # Write the new keys/values into this layer's slots of the stacked cache in place, then read the layer.
             keys, values, layer, start = layer_cache
             if layer is None:  # this layer's own blocks [B, K, S_b, D]: the last one takes the new tokens; all read
-                offset = sum(block.shape[2] for block in keys[:-1])
-                keys = (*keys[:-1], jax.lax.dynamic_update_slice(keys[-1], k.astype(keys[-1].dtype),
-                                                                 (0, 0, start - offset, 0)))
-                values = (*values[:-1], jax.lax.dynamic_update_slice(values[-1], v.astype(values[-1].dtype),
-                                                                     (0, 0, start - offset, 0)))
+                offset = sum(block_slots(block) for block in keys[:-1])
+                keys = (*keys[:-1], write_block(keys[-1], k, start - offset))
+                values = (*values[:-1], write_block(values[-1], v, start - offset))
                 k, v = keys, values
             else:  # the stacked arrays [L, B, K, S, D] carried through the layer scan
                 keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), (layer, 0, 0, start, 0))
@@ -141,9 +139,9 @@ class Attention(nnx.Module):
         else:
             new_cache = None
         kv_axes = (BATCH, KV_HEADS, LENGTH, HEAD_DIM)
-        if isinstance(k, tuple):
-            k = tuple(constrain(block.astype(dtype), kv_axes) for block in k)
-            v = tuple(constrain(block.astype(dtype), kv_axes) for block in v)
+        if isinstance(k, tuple):  # blocks (or blocks of row parts)
+            k = jax.tree.map(lambda block: constrain(block.astype(dtype), kv_axes), k)
+            v = jax.tree.map(lambda block: constrain(block.astype(dtype), kv_axes), v)
         else:
             k, v = constrain(k.astype(dtype), kv_axes), constrain(v.astype(dtype), kv_axes)
         out = attend(q, k, v, key_valid, q_slots, k_slots, sliding_window=window, impl=self.attn_impl,

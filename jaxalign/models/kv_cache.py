@@ -24,7 +24,8 @@ class KVCache:
     """Every layer's keys and values, stacked [layers, B, kv_heads, max_len, head_dim], and the slots' bookkeeping.
 
     ``keys``/``values`` may instead be per layer (:func:`unstack`): a tuple over layers, each a tuple of blocks
-    [B, kv_heads, slots, head_dim] that cover consecutive slots. The decoder then runs its layers unrolled and each
+    [B, kv_heads, slots, head_dim] that cover consecutive slots (or, split by rows, each block a tuple of row parts
+    [B / parts, kv_heads, slots, head_dim]: see :func:`unstack`). The decoder then runs its layers unrolled and each
     decode step reads every layer's blocks in place, where reading a layer out of the stacked array inside the
     layer scan copies it (XLA does not alias a dynamic slice into a dot operand). New tokens are written into a
     layer's last block, and attention reads the blocks present: the sampler decodes in phases, each over the
@@ -49,7 +50,7 @@ class KVCache:
     def read_slots(self) -> int:
         """How many leading slots attention reads: the blocks present (per-layer form), else every slot."""
         if is_unstacked(self):
-            return sum(block.shape[2] for block in self.keys[0])
+            return sum(block_slots(block) for block in self.keys[0])
         return self.max_len
 
 
@@ -65,21 +66,44 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int, dtype=jnp.flo
     )
 
 
-def unstack(cache: KVCache, blocks: Sequence[int] = ()) -> KVCache:
+def unstack(cache: KVCache, blocks: Sequence[int] = (), row_parts: int = 1) -> KVCache:
     """The same cache per layer (one copy of the cache, made once): each layer's slots as its first block, then
-    empty blocks of ``blocks`` slots each (the mask grows by as many empty slots)."""
+    empty blocks of ``blocks`` slots each (the mask grows by as many empty slots). With ``row_parts`` > 1 every
+    block is a tuple of that many arrays holding consecutive rows: attention then runs one dot per part, and
+    XLA:CPU runs independent dots on different cores (it runs each one-query-per-row dot on one thread)."""
     if is_unstacked(cache):
         return cache
     b, kv_heads, _, head_dim = cache.keys.shape[1:]
+    if b % row_parts:
+        raise ValueError(f"{b} rows do not split into {row_parts} equal parts")
+    rows = b // row_parts
+
+    def split(block):
+        return block if row_parts == 1 else tuple(block[i * rows:(i + 1) * rows] for i in range(row_parts))
 
     def layer(stacked, i):
         empty = tuple(jnp.zeros((b, kv_heads, n, head_dim), stacked.dtype) for n in blocks)
-        return (stacked[i], *empty)
+        return tuple(split(block) for block in (stacked[i], *empty))
 
     layers = range(cache.keys.shape[0])
     mask = jnp.pad(cache.mask, ((0, 0), (0, sum(blocks))))
     return cache.replace(keys=tuple(layer(cache.keys, i) for i in layers),
                          values=tuple(layer(cache.values, i) for i in layers), mask=mask)
+
+
+def block_slots(block) -> int:
+    """How many slots a per-layer block covers (an array [B, kv_heads, slots, head_dim] or its row parts)."""
+    return (block[0] if isinstance(block, tuple) else block).shape[2]
+
+
+def write_block(block, new: jax.Array, slot) -> jax.Array | tuple[jax.Array, ...]:
+    """``block`` with ``new`` [B, kv_heads, T, head_dim] written from its slot ``slot`` on (each row part its
+    rows)."""
+    if not isinstance(block, tuple):
+        return jax.lax.dynamic_update_slice(block, new.astype(block.dtype), (0, 0, slot, 0))
+    rows = block[0].shape[0]
+    return tuple(jax.lax.dynamic_update_slice(part, new[i * rows:(i + 1) * rows].astype(part.dtype), (0, 0, slot, 0))
+                 for i, part in enumerate(block))
 
 
 def first_blocks(cache: KVCache, n: int) -> KVCache:
@@ -96,8 +120,9 @@ def put_blocks(cache: KVCache, part: KVCache) -> KVCache:
     return part.replace(keys=merge(cache.keys, part.keys), values=merge(cache.values, part.values))
 
 
-def layer_slots(blocks: tuple[jax.Array, ...]) -> jax.Array:
+def layer_slots(blocks: tuple) -> jax.Array:
     """One layer's blocks joined into [B, kv_heads, slots, head_dim] (a copy: for tests and inspection)."""
+    blocks = [jnp.concatenate(b, axis=0) if isinstance(b, tuple) else b for b in blocks]
     return jnp.concatenate(blocks, axis=2) if len(blocks) > 1 else blocks[0]
 
 

@@ -229,9 +229,39 @@ def slices_weights_once(mesh: Mesh | None) -> bool:
     return device.platform == "cpu"
 
 
+def decode_row_parts(mesh: Mesh | None, rows: int) -> int:
+    """How many row parts the decode's per-layer cache is split into (see :func:`kv_cache.unstack`): 2 on one CPU
+    device with an even number of at least 16 rows, else 1. XLA:CPU runs each attention dot over the cache (one
+    query per row) on one thread; two parts' dots run on two cores when the program is scheduled for concurrency
+    (:func:`compiler_options`). Measured (60M parameters, 64 rows, 128 + 128 tokens): 61.3 -> 56.9 ms per step;
+    the split alone, or the scheduling alone, saves nothing; 4 parts: 58.8 ms."""
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    single = mesh is None or mesh.devices.size == 1
+    return 2 if device.platform == "cpu" and single and rows % 2 == 0 and rows >= 16 else 1
+
+
+CPU_SCHEDULING = {"xla_cpu_enable_concurrency_optimized_scheduler": True}
+
+
+@functools.lru_cache(maxsize=None)
+def compiler_options(platform: str, options: tuple[tuple[str, bool], ...] = tuple(CPU_SCHEDULING.items())):
+    """The sampler's XLA options: on CPU ``options`` (by default :data:`CPU_SCHEDULING`, which lets independent
+    operations run on different cores), if this XLA knows them (checked once by compiling a trivial program), else
+    none."""
+    if platform != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros((), jnp.int32)).block_until_ready()
+    except Exception:  # an XLA without the option: "No such compile option"
+        return None
+    return dict(options)
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, settings: _Settings, mesh: Mesh | None):
-    return jax.jit(functools.partial(_sample, graphdef, settings, mesh))
+    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
+    return jax.jit(functools.partial(_sample, graphdef, settings, mesh),
+                   compiler_options=compiler_options(device.platform))
 
 
 def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
@@ -243,9 +273,9 @@ def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) ->
 def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     if mesh is None:
         return cache
-    if kv_cache.is_unstacked(cache):
-        keys = tuple(tuple(_constrain(b, kv_cache.LAYER_KV_AXES, mesh) for b in k) for k in cache.keys)
-        values = tuple(tuple(_constrain(b, kv_cache.LAYER_KV_AXES, mesh) for b in v) for v in cache.values)
+    if kv_cache.is_unstacked(cache):  # per layer: blocks, or blocks of row parts
+        keys = jax.tree.map(lambda b: _constrain(b, kv_cache.LAYER_KV_AXES, mesh), cache.keys)
+        values = jax.tree.map(lambda b: _constrain(b, kv_cache.LAYER_KV_AXES, mesh), cache.values)
     else:
         keys = _constrain(cache.keys, kv_cache.KV_AXES, mesh)
         values = _constrain(cache.values, kv_cache.KV_AXES, mesh)
@@ -286,9 +316,10 @@ def _sample(graphdef, s: _Settings, mesh, state, prompt_ids, prompt_mask, stops,
     # Decode over per-layer caches with the layers unrolled: inside the layer scan each step would copy its
     # layer out of the stacked cache before attending (measured ~30% of decode time at batch 64 on CPU).
     bounds = decode_read_bounds(p, steps_max)
-    cache = _constrain_cache(kv_cache.unstack(cache, blocks=np.diff((p, *bounds)).tolist()), mesh)
-    layers = model.layer_list() if slices_weights_once(mesh) else None  # else sliced inside each step
     r = b * n
+    cache = kv_cache.unstack(cache, blocks=np.diff((p, *bounds)).tolist(), row_parts=decode_row_parts(mesh, r))
+    cache = _constrain_cache(cache, mesh)
+    layers = model.layer_list() if slices_weights_once(mesh) else None  # else sliced inside each step
     rows = jnp.arange(r)
 
     def pick(logits, seen, i, done):
