@@ -190,7 +190,8 @@ def sampler_call(
         num_return_sequences=int(num_return_sequences),
         pad_token_id=int(pad_token_id),
     )
-    return _compiled(graphdef, settings, mesh), _stop_array(stop_token_ids, config, batch)
+    row_parts = decode_row_parts(mesh, batch * settings.num_return_sequences)
+    return _compiled(graphdef, settings, mesh, row_parts), _stop_array(stop_token_ids, config, batch)
 
 
 def _stop_array(stop_token_ids, config, batch: int) -> np.ndarray:
@@ -258,10 +259,11 @@ def compiler_options(platform: str, options: tuple[tuple[str, bool], ...] = tupl
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(graphdef, settings: _Settings, mesh: Mesh | None):
+def _compiled(graphdef, settings: _Settings, mesh: Mesh | None, row_parts: int):
+    """The jitted sampler; with row parts it is compiled with :func:`compiler_options` (alone they save nothing)."""
     device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-    return jax.jit(functools.partial(_sample, graphdef, settings, mesh),
-                   compiler_options=compiler_options(device.platform))
+    options = compiler_options(device.platform) if row_parts > 1 else None
+    return jax.jit(functools.partial(_sample, graphdef, settings, mesh, row_parts), compiler_options=options)
 
 
 def _constrain(x: jax.Array, axes: tuple[str | None, ...], mesh: Mesh | None) -> jax.Array:
@@ -287,7 +289,7 @@ def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
     )
 
 
-def _sample(graphdef, s: _Settings, mesh, state, prompt_ids, prompt_mask, stops, rng) -> Rollout:
+def _sample(graphdef, s: _Settings, mesh, row_parts: int, state, prompt_ids, prompt_mask, stops, rng) -> Rollout:
     global _TRACES
     _TRACES += 1  # runs once per trace
     model = nnx.merge(graphdef, state)
@@ -317,7 +319,7 @@ def _sample(graphdef, s: _Settings, mesh, state, prompt_ids, prompt_mask, stops,
     # layer out of the stacked cache before attending (measured ~30% of decode time at batch 64 on CPU).
     bounds = decode_read_bounds(p, steps_max)
     r = b * n
-    cache = kv_cache.unstack(cache, blocks=np.diff((p, *bounds)).tolist(), row_parts=decode_row_parts(mesh, r))
+    cache = kv_cache.unstack(cache, blocks=np.diff((p, *bounds)).tolist(), row_parts=row_parts)
     cache = _constrain_cache(cache, mesh)
     layers = model.layer_list() if slices_weights_once(mesh) else None  # else sliced inside each step
     rows = jnp.arange(r)
