@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxalign.data.tokenizer import load_tokenizer, stop_token_ids
     from jaxalign.models.attention import check_impl
     from jaxalign.models.decoder import set_attn_impl
-    from jaxalign.parallel import make_mesh
+    from jaxalign.parallel import make_mesh, mesh_platform
     from jaxalign.rollout import generate
 
     mesh = make_mesh(args.mesh) if args.mesh else None
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.adapters if args.adapters and _has_tokenizer(args.adapters) else base,
                                training=False)
     model = load_any_model(base, dtype=args.dtype, mesh=mesh)
-    set_attn_impl(model, check_impl(args.attn_impl, (mesh.devices.flat[0] if mesh else jax.devices()[0]).platform))
+    set_attn_impl(model, check_impl(args.attn_impl, mesh_platform(mesh)))
     if args.adapters:
         apply_adapter(model, args.adapters)
     config = model.config

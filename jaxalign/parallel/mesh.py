@@ -70,6 +70,11 @@ def make_mesh(spec: str | dict[str, int] | None = None, devices=None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
+def mesh_platform(mesh: Mesh | None) -> str:
+    """The platform ("cpu", "gpu", "tpu") a program over ``mesh`` runs on; without a mesh, the default device's."""
+    return (jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform
+
+
 def single_device_mesh() -> Mesh:
     """A 1x1x1 mesh on the first device."""
     return make_mesh("data=1,fsdp=1,tensor=1", devices=jax.devices()[:1])

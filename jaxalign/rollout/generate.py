@@ -29,6 +29,7 @@ from jaxalign.models import kv_cache
 from jaxalign.models.kv_cache import KVCache, init_cache
 from jaxalign.parallel.activations import mesh_context
 from jaxalign.parallel.distributed import put_key
+from jaxalign.parallel.mesh import mesh_platform
 from jaxalign.parallel.rules import batch_sharding, logical_to_spec, param_shardings
 from jaxalign.rollout.sampling import process_logits, select_tokens, token_logps
 
@@ -226,8 +227,7 @@ def slices_weights_once(mesh: Mesh | None) -> bool:
     slice at every step before the dot (measured 2.27 -> 1.98 s for 64 tokens x 64 rows at ~23M parameters) and
     host memory is plentiful. On TPU the copy did not fit at Llama-3-8B shape (v5e:4x4, GRPO LoRA: 14.5 -> 16.7
     GiB per chip) and the slices are read where they lie."""
-    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-    return device.platform == "cpu"
+    return mesh_platform(mesh) == "cpu"
 
 
 def decode_row_parts(mesh: Mesh | None, rows: int) -> int:
@@ -236,9 +236,8 @@ def decode_row_parts(mesh: Mesh | None, rows: int) -> int:
     query per row) on one thread; two parts' dots run on two cores when the program is scheduled for concurrency
     (:func:`compiler_options`). Measured (60M parameters, 64 rows, 128 + 128 tokens): 61.3 -> 56.9 ms per step;
     the split alone, or the scheduling alone, saves nothing; 4 parts: 58.8 ms."""
-    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
     single = mesh is None or mesh.devices.size == 1
-    return 2 if device.platform == "cpu" and single and rows % 2 == 0 and rows >= 16 else 1
+    return 2 if mesh_platform(mesh) == "cpu" and single and rows % 2 == 0 and rows >= 16 else 1
 
 
 CPU_SCHEDULING = {"xla_cpu_enable_concurrency_optimized_scheduler": True}
@@ -261,8 +260,7 @@ def compiler_options(platform: str, options: tuple[tuple[str, bool], ...] = tupl
 @functools.lru_cache(maxsize=64)
 def _compiled(graphdef, settings: _Settings, mesh: Mesh | None, row_parts: int):
     """The jitted sampler; with row parts it is compiled with :func:`compiler_options` (alone they save nothing)."""
-    device = jax.devices()[0] if mesh is None else mesh.devices.flat[0]
-    options = compiler_options(device.platform) if row_parts > 1 else None
+    options = compiler_options(mesh_platform(mesh)) if row_parts > 1 else None
     return jax.jit(functools.partial(_sample, graphdef, settings, mesh, row_parts), compiler_options=options)
 
 

@@ -28,6 +28,7 @@ from jaxalign.models.decoder import set_attn_impl, set_remat
 from jaxalign.models.lora import cast_frozen, trainable_summary
 from jaxalign.parallel.activations import mesh_context
 from jaxalign.parallel.distributed import host_rows
+from jaxalign.parallel.mesh import mesh_platform
 from jaxalign.parallel.rules import batch_sharding
 from jaxalign.convert.checkpoint_io import read_meta
 from jaxalign.trainers.checkpoint import (
@@ -94,7 +95,7 @@ def split_for_training(model: nnx.Module, cfg, algorithm: Algorithm, mesh):
     what trains and the frozen rest; under LoRA the frozen base in the compute dtype (bfloat16 halves it),
     adapters and Adam's moments staying float32."""
     set_remat(model, cfg.gradient_checkpointing, cfg.remat_policy)
-    set_attn_impl(model, check_impl(cfg.get("attn_impl") or "auto", mesh.devices.flat[0].platform))
+    set_attn_impl(model, check_impl(cfg.get("attn_impl") or "auto", mesh_platform(mesh)))
     graphdef, params, rest = split_model(model)
     if algorithm.lora is not None:
         rest = cast_frozen(rest, cfg.torch_dtype)
