@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.errors import ConfigError
+from jaxalign.models.kv_cache import row_parts_of
 
 IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 
@@ -218,11 +219,12 @@ def _xla(q, k, v, key_valid, q_slots, k_slots, sliding_window=None, *, scale: fl
     may be tuples of blocks along the slots: the scores of each block are joined before the softmax."""
     k_blocks, v_blocks = (k, v) if isinstance(k, tuple) else ((k,), (v,))
     if isinstance(k_blocks[0], tuple):  # blocks split into row parts: each part's rows over its own arrays
-        rows = k_blocks[0][0].shape[0]
+        parts = len(k_blocks[0])
         return jnp.concatenate([
-            _xla(q[i * rows:(i + 1) * rows], tuple(kb[i] for kb in k_blocks), tuple(vb[i] for vb in v_blocks),
-                 key_valid[i * rows:(i + 1) * rows], q_slots, k_slots, sliding_window, scale=scale, softcap=softcap)
-            for i in range(len(k_blocks[0]))], axis=0)
+            _xla(q_part, tuple(kb[i] for kb in k_blocks), tuple(vb[i] for vb in v_blocks), valid_part, q_slots,
+                 k_slots, sliding_window, scale=scale, softcap=softcap)
+            for i, (q_part, valid_part) in enumerate(zip(row_parts_of(q, parts), row_parts_of(key_valid, parts)))],
+            axis=0)
     b, t, n, d = q.shape
     kv_heads = k_blocks[0].shape[1]
     groups = n // kv_heads

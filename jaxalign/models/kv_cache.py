@@ -76,10 +76,9 @@ def unstack(cache: KVCache, blocks: Sequence[int] = (), row_parts: int = 1) -> K
     b, kv_heads, _, head_dim = cache.keys.shape[1:]
     if b % row_parts:
         raise ValueError(f"{b} rows do not split into {row_parts} equal parts")
-    rows = b // row_parts
 
     def split(block):
-        return block if row_parts == 1 else tuple(block[i * rows:(i + 1) * rows] for i in range(row_parts))
+        return block if row_parts == 1 else row_parts_of(block, row_parts)
 
     def layer(stacked, i):
         empty = tuple(jnp.zeros((b, kv_heads, n, head_dim), stacked.dtype) for n in blocks)
@@ -89,6 +88,13 @@ def unstack(cache: KVCache, blocks: Sequence[int] = (), row_parts: int = 1) -> K
     mask = jnp.pad(cache.mask, ((0, 0), (0, sum(blocks))))
     return cache.replace(keys=tuple(layer(cache.keys, i) for i in layers),
                          values=tuple(layer(cache.values, i) for i in layers), mask=mask)
+
+
+def row_parts_of(x: jax.Array, parts: int) -> tuple[jax.Array, ...]:
+    """``x`` cut along its first axis into ``parts`` equal row parts, by plain slices (``jnp.split`` measured
+    ~2 ms per decode step slower in the sampler at 60M parameters, batch 64)."""
+    rows = x.shape[0] // parts
+    return tuple(x[i * rows:(i + 1) * rows] for i in range(parts))
 
 
 def block_slots(block) -> int:
@@ -101,9 +107,8 @@ def write_block(block, new: jax.Array, slot) -> jax.Array | tuple[jax.Array, ...
     rows)."""
     if not isinstance(block, tuple):
         return jax.lax.dynamic_update_slice(block, new.astype(block.dtype), (0, 0, slot, 0))
-    rows = block[0].shape[0]
-    return tuple(jax.lax.dynamic_update_slice(part, new[i * rows:(i + 1) * rows].astype(part.dtype), (0, 0, slot, 0))
-                 for i, part in enumerate(block))
+    return tuple(jax.lax.dynamic_update_slice(part, rows.astype(part.dtype), (0, 0, slot, 0))
+                 for part, rows in zip(block, row_parts_of(new, len(block))))
 
 
 def first_blocks(cache: KVCache, n: int) -> KVCache:
