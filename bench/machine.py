@@ -17,12 +17,12 @@ def cpu_model() -> str:
 
 
 # Dense bfloat16 peak (TFLOP/s, no sparsity) and HBM bandwidth (GB/s) from the vendors' data sheets, by a
-# substring of torch.cuda.get_device_name(); the first match wins, so the longer names come first.
+# substring of torch.cuda.get_device_name(); the first match wins, so a name comes before any name it contains.
 GPU_PEAKS = [
+    ("GH200", 989.0, 4000.0),  # before "H200", which its name contains
     ("H200", 989.0, 4800.0),
     ("H100 PCIe", 756.0, 2000.0),
     ("H100", 989.0, 3350.0),
-    ("GH200", 989.0, 4000.0),
     ("B200", 2250.0, 8000.0),
     ("A100-SXM4-80GB", 312.0, 2039.0),
     ("A100 80GB PCIe", 312.0, 1935.0),
