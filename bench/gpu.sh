@@ -37,12 +37,28 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
+# Each benchmark runs even when one before it failed (a lent GPU's minutes are few); gpu.sh fails at the end.
+failed=()
+run() {  # run NAME COMMAND...
+  local name="$1"
+  shift
+  echo "== $name"
+  "$@" || { echo "gpu.sh: $name failed (exit $?)" >&2; failed+=("$name"); }
+}
+finish() {
+  if [[ ${#failed[@]} -gt 0 ]]; then
+    echo "gpu.sh: failed: ${failed[*]}" >&2
+    exit 1
+  fi
+  echo "gpu.sh$1: every benchmark ran"
+}
+
 if [[ $quick == 1 ]]; then
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=""
-  "$python" bench_train.py --quick
-  "$python" bench_sampler.py --quick
-  "$python" bench_grpo.py --quick --random_size 64,2 --max_completion_length 16
-  echo "gpu.sh --quick: every benchmark ran"
+  run "DPO (quick)" "$python" bench_train.py --quick
+  run "sampler (quick)" "$python" bench_sampler.py --quick
+  run "GRPO (quick)" "$python" bench_grpo.py --quick --random_size 64,2 --max_completion_length 16
+  finish " --quick"
   exit 0
 fi
 
@@ -54,12 +70,13 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 "$python" -c "import jax, torch, transformers, trl; print('jax', jax.__version__, jax.devices(), '| torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45  # jax and torch share the GPU in one process
 
-echo "== DPO, Qwen2.5-0.5B shape, bf16, 8 pairs x 2 x 512 tokens"
-timeout 200 "$python" bench_train.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --batch_size 8 --seq_len 512 \
-  --steps 10 --rounds 2 --warmup 2
-echo "== sampler, Qwen2.5-0.5B shape, bf16, batch 64, prompt 128 + 256 new tokens"
-timeout 120 "$python" bench_sampler.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --batch_sizes 64 \
+run "DPO, Qwen2.5-0.5B shape, bf16, 8 pairs x 2 x 512 tokens" \
+  timeout 200 "$python" bench_train.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --batch_size 8 \
+  --seq_len 512 --steps 10 --rounds 2 --warmup 2
+run "sampler, Qwen2.5-0.5B shape, bf16, batch 64, prompt 128 + 256 new tokens" \
+  timeout 120 "$python" bench_sampler.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --batch_sizes 64 \
   --prompt_len 128 --new_tokens 256 --repeats 2
-echo "== GRPO, Qwen2.5-0.5B shape (demo vocabulary), bf16, 8 prompts x 8 completions of <= 128 tokens"
-timeout 150 "$python" bench_grpo.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --steps 6 --window 3 \
+run "GRPO, Qwen2.5-0.5B shape (demo vocabulary), bf16, 8 prompts x 8 completions of <= 128 tokens" \
+  timeout 150 "$python" bench_grpo.py --device cuda --dtype bfloat16 --shape qwen2.5-0.5b --steps 6 --window 3 \
   --max_completion_length 128
+finish ""

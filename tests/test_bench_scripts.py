@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 from pathlib import Path
 
@@ -42,3 +43,21 @@ def test_gpu_sh_refuses_bad_options_with_exit_2(tmp_path, args, message):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
     assert done.stdout == ""
+
+
+def test_gpu_sh_runs_every_benchmark_when_one_fails_and_fails_at_the_end(tmp_path):
+    # A lent GPU's minutes are few: a failing benchmark must not stop the ones after it. Here the interpreter
+    # gpu.sh finds (python3 on the PATH) fails every script it is given.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python3"
+    fake.write_text('#!/bin/sh\necho "ran $1"\nexit 3\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", str(BENCH / "gpu.sh"), "--quick"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 1
+    assert [line for line in done.stdout.splitlines() if line.startswith("ran ")] == [
+        "ran bench_train.py", "ran bench_sampler.py", "ran bench_grpo.py"]
+    assert "gpu.sh: DPO (quick) failed (exit 3)" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "gpu.sh: failed: DPO (quick) sampler (quick) GRPO (quick)"
