@@ -153,15 +153,18 @@ def test_prefill_then_decode_equals_full_forward(folders, family):
     full = np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(mask)))
     assert max_diff_real(full, hf_row_logits(hf, ids, mask), mask) <= TOL
 
+    # The cached passes sum in another order than the full forward: float32 rounding, ~20 ulps of the largest
+    # logit (Gemma 3's reach 15 here, where 1e-5 is 10 ulps: jax 0.12 measured 1.03e-5), never under 1e-5.
+    tol = max(1e-5, 2e-6 * float(np.abs(full[mask.astype(bool)]).max()))
     cache = init_cache(model.config, len(PROMPT_LENGTHS), MAX_LEN)
     logits, cache = cached_forward(model, jnp.asarray(prompt), jnp.asarray(prompt_mask), cache)
     real = prompt_mask.astype(bool)
-    assert float(np.abs(np.asarray(logits)[real] - full[:, :PROMPT_WIDTH][real]).max()) <= 1e-5
+    assert float(np.abs(np.asarray(logits)[real] - full[:, :PROMPT_WIDTH][real]).max()) <= tol
     for c in (cache, unstack(cache)):
         for i in range(STEPS):
             tok = jnp.asarray(new[:, i : i + 1])
             step_logits, c = cached_forward(model, tok, jnp.ones_like(tok), c)
-            assert float(np.abs(np.asarray(step_logits[:, 0]) - full[:, PROMPT_WIDTH + i]).max()) <= 1e-5, i
+            assert float(np.abs(np.asarray(step_logits[:, 0]) - full[:, PROMPT_WIDTH + i]).max()) <= tol, i
 
 
 # ----- chat template and stop ids -------------------------------------------------------------------------
@@ -451,7 +454,10 @@ def test_gradients_equal_across_remat_and_attention_impls(folders, family):
     want = grads("xla", False)
     assert max(float(np.abs(np.asarray(w)).max()) for w in want) > 1e-2
     for a, b in zip(got, want):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+        # Each leaf's float32 rounding scales with its largest gradient (Gemma 3's embedding gradient reaches 263,
+        # where plain remat alone moves elements by 3e-4): 1e-5 of that, where a wrong backward moves whole percents.
+        scale = float(np.abs(np.asarray(b)).max())
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=max(1e-4, 1e-5 * scale))
 
 
 # ----- on a mesh ----------------------------------------------------------------------------------------------
