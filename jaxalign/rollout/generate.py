@@ -240,21 +240,29 @@ def decode_row_parts(mesh: Mesh | None, rows: int) -> int:
     return 2 if mesh_platform(mesh) == "cpu" and single and rows % 2 == 0 and rows >= 16 else 1
 
 
-CPU_SCHEDULING = {"xla_cpu_enable_concurrency_optimized_scheduler": True}
+# XLA:CPU's concurrency-optimised scheduling, which lets independent operations run on different cores, in the
+# spellings XLA has used, newest first. jax 0.10-0.12's XLA take the enum; 0.12's still accepts the older bool
+# but no longer acts on it (the 60M decode step with row parts, batch 64: 62-66 ms with the enum, 67-71 with the
+# bool or nothing; on jax 0.10.2 the two spellings measured alike, 57-61 ms).
+CPU_SCHEDULING = (
+    (("xla_cpu_scheduler_type", "CPU_SCHEDULER_TYPE_CONCURRENCY_OPTIMIZED"),),
+    (("xla_cpu_enable_concurrency_optimized_scheduler", True),),
+)
 
 
 @functools.lru_cache(maxsize=None)
-def compiler_options(platform: str, options: tuple[tuple[str, bool], ...] = tuple(CPU_SCHEDULING.items())):
-    """The sampler's XLA options: on CPU ``options`` (by default :data:`CPU_SCHEDULING`, which lets independent
-    operations run on different cores), if this XLA knows them (checked once by compiling a trivial program), else
-    none."""
+def compiler_options(platform: str, candidates: tuple[tuple[tuple[str, object], ...], ...] = CPU_SCHEDULING):
+    """The sampler's XLA options: on CPU the first of ``candidates`` (by default :data:`CPU_SCHEDULING`) this XLA
+    knows (each checked by compiling a trivial program), else none."""
     if platform != "cpu":
         return None
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros((), jnp.int32)).block_until_ready()
-    except Exception:  # an XLA without the option: "No such compile option"
-        return None
-    return dict(options)
+    for options in candidates:
+        try:
+            jax.jit(lambda x: x + 1, compiler_options=dict(options))(jnp.zeros((), jnp.int32)).block_until_ready()
+        except Exception:  # an XLA without the option: "No such compile option" or "not a valid enum value"
+            continue
+        return dict(options)
+    return None
 
 
 @functools.lru_cache(maxsize=64)
