@@ -25,6 +25,9 @@ class Option:
     help: str
     choices: tuple | None = None
     commands: tuple[str, ...] = ("sft", "rlhf")
+    # A list, as in ms-swift: space-separated on the command line (``--reward_funcs accuracy format``), a list or a
+    # comma-separated string in a config file; held as one comma-separated string.
+    multi: bool = False
 
 
 _T = ("sft", "rlhf")
@@ -33,8 +36,8 @@ _RLHF = ("rlhf",)
 OPTIONS: dict[str, Option] = {
     # Model and data
     "model": Option(None, str, "Hugging Face model folder (or jaxalign checkpoint) to start from"),
-    "dataset": Option(None, str, "dataset file(s), comma-separated; FILE#N samples N rows"),
-    "val_dataset": Option(None, str, "explicit evaluation dataset"),
+    "dataset": Option(None, str, "dataset file(s), space- or comma-separated; FILE#N samples N rows", multi=True),
+    "val_dataset": Option(None, str, "explicit evaluation dataset file(s)", multi=True),
     "split_dataset_ratio": Option(0.0, float, "fraction of the dataset held out for evaluation"),
     "output_dir": Option("output", str, "where checkpoints, logs and the final model go"),
     "max_length": Option(2048, int, "longest tokenised sequence (prompt + response)"),
@@ -49,14 +52,15 @@ OPTIONS: dict[str, Option] = {
         ("last_round", "default", "all"),
     ),
     "ignore_bad_rows": Option(False, bool, "skip malformed rows (counted) instead of stopping"),
-    "length_buckets": Option(None, str, "comma-separated padded lengths; default powers of two up to max_length"),
+    "length_buckets": Option(None, str, "padded lengths; default powers of two from 64 up to max_length",
+                             multi=True),
     # Tuner (LoRA as PEFT and ms-swift name it)
     "tuner_type": Option("full", str, "train all parameters, or LoRA adapters (alias --train_type)", ("full", "lora")),
     "lora_rank": Option(8, int, "LoRA rank r"),
     "lora_alpha": Option(32.0, float, "LoRA alpha (scaling alpha / r)"),
     "lora_dropout": Option(0.05, float, "dropout on the adapters' input while training"),
-    "target_modules": Option("all-linear", str, "adapted layers: all-linear or names (q_proj,k_proj,v_proj,o_proj,"
-                             "gate_proj,up_proj,down_proj)"),
+    "target_modules": Option("all-linear", str, "adapted layers: all-linear or names (q_proj k_proj v_proj o_proj "
+                             "gate_proj up_proj down_proj)", multi=True),
     "use_rslora": Option(False, bool, "rank-stabilised scaling alpha / sqrt(r)"),
     "init_lora_weights": Option(True, bool, "B = 0 so step 0 equals the base (false: B random too)"),
     "adapters": Option(None, str, "start from this LoRA adapter folder (PEFT format) instead of fresh adapters"),
@@ -103,8 +107,8 @@ OPTIONS: dict[str, Option] = {
     "rlhf_type": Option("dpo", str, "algorithm", RLHF_TYPES, _RLHF),
     "beta": Option(None, float, "beta (default per algorithm: " + ", ".join(
         f"{n} {s.default_beta}" for n, s in ALGORITHMS.items() if s.default_beta is not None) + ")", None, _RLHF),
-    "loss_type": Option(None, str, "loss type(s); DPO accepts several, comma-separated (default sigmoid)", None, _RLHF),
-    "loss_weights": Option(None, str, "weights of several DPO loss types, comma-separated", None, _RLHF),
+    "loss_type": Option(None, str, "loss type(s); DPO accepts several (default sigmoid)", None, _RLHF, multi=True),
+    "loss_weights": Option(None, str, "weights of several DPO loss types", None, _RLHF, multi=True),
     "label_smoothing": Option(0.0, float, "conservative DPO/CPO label smoothing", None, _RLHF),
     "rpo_alpha": Option(1.0, float, "weight of the chosen NLL added to DPO (0 disables)", None, _RLHF),
     "reference_free": Option(False, bool, "DPO against a uniform reference (no reference model)", None, _RLHF),
@@ -143,9 +147,10 @@ OPTIONS: dict[str, Option] = {
     "overlong_filter": Option(False, bool, "exclude truncated completions from the loss", None, _RLHF),
     "shared_prefix": Option(True, bool, "GRPO and DPO: train each prompt once with its completions (chosen and "
                             "rejected) in one row, not once per completion", None, _RLHF),
-    "reward_funcs": Option(None, str, "reward functions, comma or space separated (accuracy, format, ...)", None, _RLHF),
-    "reward_weights": Option(None, str, "weights of the reward functions", None, _RLHF),
-    "external_plugins": Option(None, str, "Python file(s) registering reward functions", None, _RLHF),
+    "reward_funcs": Option(None, str, "reward functions (accuracy format ...)", None, _RLHF, multi=True),
+    "reward_weights": Option(None, str, "weights of the reward functions", None, _RLHF, multi=True),
+    "external_plugins": Option(None, str, "Python file(s) registering reward functions", None, _RLHF,
+                               multi=True),
     "cosine_min_len_value_wrong": Option(-0.5, float, "cosine reward: wrong answer, shortest", None, _RLHF),
     "cosine_max_len_value_wrong": Option(0.0, float, "cosine reward: wrong answer, longest", None, _RLHF),
     "cosine_min_len_value_correct": Option(1.0, float, "cosine reward: correct answer, shortest", None, _RLHF),
@@ -213,6 +218,8 @@ def parse_bool(value: str | bool, name: str = "option") -> bool:
 def coerce(name: str, value: Any) -> Any:
     """Convert and check one option value; refuse it with the valid choices."""
     opt = OPTIONS[name]
+    if opt.multi and isinstance(value, (list, tuple)):
+        value = ",".join(str(v) for v in value)
     if value is None or (isinstance(value, str) and value.lower() == "none" and opt.default is None):
         return None
     try:
@@ -383,7 +390,7 @@ def add_flags(parser, command: str) -> None:
             continue
         extra = f" (choices: {', '.join(str(c) for c in opt.choices if c is not None)})" if opt.choices else ""
         aliases = [f"--{a}" for a, target in OPTION_ALIASES.items() if target == name]
-        parser.add_argument(f"--{name}", *aliases, dest=name, default=argparse_unset,
+        parser.add_argument(f"--{name}", *aliases, dest=name, default=argparse_unset, nargs="+" if opt.multi else None,
                             help=f"{opt.help}; default {opt.default!r}{extra}")
 
 

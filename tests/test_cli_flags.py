@@ -1,0 +1,97 @@
+"""Command-line flags as ms-swift users type them: list options space-separated, and every README command parsed."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+
+from jaxalign.cli import build_parser
+from jaxalign.config import OPTIONS, coerce, flags_from_namespace, resolve
+from jaxalign.data.batching import parse_buckets
+from jaxalign.data.loading import parse_spec
+from jaxalign.losses.preference import preference_loss_types
+from jaxalign.models.lora import parse_target_modules
+from jaxalign.rewards.registry import split_names
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _flags(argv: str) -> dict:
+    args, extra = build_parser().parse_known_args(shlex.split(argv))
+    assert extra == []
+    return flags_from_namespace(args)
+
+
+def test_list_options_take_space_separated_values_as_ms_swift():
+    cfg = resolve("rlhf", None, _flags(
+        "rlhf --rlhf_type dpo --model m --output_dir o --dataset a.jsonl b.parquet#500 --val_dataset v.jsonl "
+        "--loss_type sigmoid bco_pair --loss_weights 0.8 0.2 --length_buckets 256 512 "
+        "--tuner_type lora --target_modules q_proj v_proj"))
+    assert parse_spec(cfg.dataset) == [("a.jsonl", None), ("b.parquet", 500)]
+    assert parse_spec(cfg.val_dataset) == [("v.jsonl", None)]
+    assert preference_loss_types("dpo", cfg.loss_type, cfg.loss_weights) == (("sigmoid", "bco_pair"), (0.8, 0.2))
+    assert parse_buckets(cfg.length_buckets) == [256, 512]
+    assert parse_target_modules(cfg.target_modules) == ("q_proj", "v_proj")
+
+    grpo = resolve("rlhf", None, _flags(
+        "rlhf --rlhf_type grpo --model m --output_dir o --dataset p.jsonl "
+        "--reward_funcs accuracy format --reward_weights 1 0.5"))
+    assert split_names(grpo.reward_funcs) == ["accuracy", "format"]
+    assert [float(w) for w in split_names(grpo.reward_weights)] == [1.0, 0.5]
+
+
+def test_list_options_keep_the_comma_form_and_take_lists_from_config_files():
+    flags = _flags("rlhf --rlhf_type grpo --model m --output_dir o --dataset p.jsonl --reward_funcs accuracy,format")
+    assert split_names(resolve("rlhf", None, flags).reward_funcs) == ["accuracy", "format"]
+    from_file = resolve("rlhf", {"rlhf_type": "dpo", "model": "m", "dataset": ["a.jsonl", "b.jsonl"],
+                                 "loss_type": ["sigmoid", "sft"], "loss_weights": [1, 0.5]}, {})
+    assert parse_spec(from_file.dataset) == [("a.jsonl", None), ("b.jsonl", None)]
+    assert preference_loss_types("dpo", from_file.loss_type, from_file.loss_weights) == (("sigmoid", "sft"), (1.0, 0.5))
+    assert coerce("reward_funcs", ["none"]) is None
+
+
+def test_single_value_options_still_refuse_a_second_value():
+    args, extra = build_parser().parse_known_args(shlex.split("rlhf --model a b --output_dir o"))
+    assert extra == ["b"]
+
+
+def _readme_commands() -> list[str]:
+    """The `jaxalign ...` lines of the README's code blocks, with continuation lines joined."""
+    commands, current, in_block = [], "", False
+    for line in README.read_text().splitlines():
+        if line.startswith("```"):
+            in_block, current = not in_block, ""
+            continue
+        if not in_block:
+            continue
+        current += line.rstrip().rstrip("\\") + " "
+        if line.rstrip().endswith("\\"):
+            continue
+        if "jaxalign" in shlex.split(current, comments=True):  # not a comment line that names it
+            commands.append(current.strip())
+        current = ""
+    return commands
+
+
+def test_readme_has_the_commands_this_test_reads():
+    commands = _readme_commands()
+    subcommands = {shlex.split(c, comments=True)[shlex.split(c, comments=True).index("jaxalign") + 1]
+                   for c in commands}
+    assert len(commands) >= 20 and {"demo", "sft", "rlhf", "infer", "export", "plan"} <= subcommands
+
+
+@pytest.mark.parametrize("command", _readme_commands(), ids=lambda c: c[:60])
+def test_readme_command_parses_with_valid_values(command):
+    tokens = shlex.split(command, comments=True)
+    argv = tokens[tokens.index("jaxalign") + 1:]
+    args, extra = build_parser().parse_known_args(argv)
+    assert extra == [], f"README command has flags jaxalign does not know: {extra}"
+    if argv[0] in ("sft", "rlhf", "plan"):
+        flags = flags_from_namespace(args)
+        if argv[0] == "plan" and flags.get("rlhf_type") == "sft":  # plan's own extra choice
+            del flags["rlhf_type"]
+        for name, value in flags.items():
+            assert name in OPTIONS
+            coerce(name, value)  # types and choices, as a run checks them
