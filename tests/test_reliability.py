@@ -93,6 +93,47 @@ def test_resume_keeps_the_log_up_to_the_checkpoint(tmp_path):
     assert log.read_text() == ""
 
 
+def _tensorboard_scalars(folder) -> dict[tuple[str, int], float]:
+    """(tag, step) -> value from the event files under ``folder``, read as TFRecords (u64 length, u32 crc, the
+    Event proto, u32 crc) with tensorboardX's Event message."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = {}
+    for path in folder.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at:at + 8])
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            at += 12 + length + 4
+            scalars.update({(v.tag, event.step): v.simple_value for v in event.summary.value})
+    return scalars
+
+
+def test_report_to_tensorboard_writes_every_logged_scalar(tmp_path):
+    logger = MetricsLogger(tmp_path, 2, report_to="tensorboard")
+    logger.log(1, {"loss": 0.5, "learning_rate": 1e-5, "note": "text is not a scalar"})
+    logger.log(2, {"loss": 0.25, "learning_rate": 5e-6})
+    logger.close(("loss",))
+    scalars = _tensorboard_scalars(tmp_path / "runs")
+    assert scalars[("loss", 1)] == 0.5 and scalars[("loss", 2)] == 0.25
+    assert scalars[("learning_rate", 1)] == pytest.approx(1e-5, rel=1e-7)  # float32 in the event
+    assert {tag for tag, _ in scalars} == {"loss", "learning_rate", "elapsed_time"}
+
+
+def test_report_to_tensorboard_without_a_writer_keeps_the_jsonl(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    logger = MetricsLogger(tmp_path, 1, report_to="tensorboard")
+    logger.log(1, {"loss": 0.5})
+    logger.close(("loss",))
+    assert "pip install tensorboardX" in capsys.readouterr().out
+    assert [r["loss"] for r in read_jsonl(tmp_path / "logging.jsonl")] == [0.5]
+    assert not (tmp_path / "runs").exists()
+
+
 # ----- 4. range checks -------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "command,flags,message",

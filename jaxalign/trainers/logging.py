@@ -101,13 +101,16 @@ def _plain(v):
 
 
 def _tensorboard_writer(path: Path):
+    """A TensorBoard event writer into ``path``: tensorboardX's (no torch needed), else torch's; None (with a
+    notice) when neither is installed."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboardX import SummaryWriter
     except ImportError:
         try:
-            from tensorboardX import SummaryWriter  # type: ignore
+            from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            print("jaxalign: --report_to tensorboard needs `pip install tensorboard torch`; logging to logging.jsonl only")
+            print("jaxalign: --report_to tensorboard needs `pip install tensorboardX` (or jaxalign's [tensorboard] "
+                  "extra); logging to logging.jsonl only")
             return None
     return SummaryWriter(str(path))
 
