@@ -60,6 +60,26 @@ def test_query_response_history_system():
     assert numina.messages == [U, A] and numina.extras == {"solution": "2"}
 
 
+def test_sharegpt_conversation_columns():
+    pairs = one({"system": "be brief", "conversation": [{"human": "q1", "assistant": "r1"},
+                                                        {"human": "1+1=", "assistant": "2"}]}, "sft")
+    assert pairs.messages == [S, {"role": "user", "content": "q1"}, {"role": "assistant", "content": "r1"}, U, A]
+    assert pairs.extras == {}
+    turns = one({"conversations": [{"from": "human", "value": "1+1="}, {"from": "gpt", "value": "2"}]}, "sft")
+    assert turns.messages == [U, A]
+    prompt = one({"conversation": [{"human": "1+1="}], "solution": "2"}, "grpo")
+    assert prompt.messages == [U] and prompt.extras == {"solution": "2"}
+    pair = one({"conversation": [{"human": "1+1=", "assistant": "2"}], "rejected_response": "3"}, "dpo")
+    assert pair.messages == [U, A] and pair.rejected_messages == [U, {"role": "assistant", "content": "3"}]
+
+
+def test_ms_swift_column_auto_mapping():
+    for response_key in ("targets", "target", "answer_key", "answers", "text", "content"):
+        assert one({"question": "1+1=", response_key: "2"}, "sft").messages == [U, A]
+    assert one({"input": "1+1=", "output": "2"}, "sft").messages == [U, A]
+    assert one({"messages": [U, A], "images": [], "videos": None}, "sft").messages == [U, A]  # empty media: none
+
+
 def test_sharegpt_roles_and_text_blocks():
     ex = one({"messages": [{"from": "human", "value": "1+1="},
                            {"role": "assistant", "content": [{"type": "text", "text": "2"}]}]}, "sft")
@@ -131,6 +151,15 @@ def test_arrow_null_fields_are_dropped():
          '"messages" must end with a user turn (GRPO rows need "messages" ending with a user turn (or a "query" column))'),
         ({"history": [["a"]], "query": "q", "response": "r"}, "sft", '"history"[0] must be a [query, response] pair'),
         ({"history": "x", "query": "q", "response": "r"}, "sft", '"history" must be a list of [query, response] pairs'),
+        ({"messages": [U, A], "images": ["cat.png"]}, "sft",
+         '"images": multimodal rows are not supported (jaxalign trains text-only models); drop the column or the row'),
+        ({"messages": [U, A], "rejected_response": "3", "rejected_images": ["dog.png"]}, "dpo",
+         '"rejected_images": multimodal rows are not supported (jaxalign trains text-only models); drop the column or '
+         'the row'),
+        ({"conversation": [{"human": "a"}, {"human": "b", "assistant": "c"}]}, "sft",
+         '"conversation"[0] has no "assistant" reply (only the last pair may lack one)'),
+        ({"conversation": [{"assistant": "a"}]}, "sft", '"conversation"[0] has no "human" turn'),
+        ({"conversation": "hi"}, "sft", '"conversation" must be a non-empty list of {"human": ..., "assistant": ...} objects'),
     ],
 )
 def test_malformed_rows(row, task, expected):

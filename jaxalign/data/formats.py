@@ -2,9 +2,11 @@
 
 Accepted conversation columns, in order of preference:
 ``messages`` (roles system/user/assistant/tool, plus ms-swift's tool_call/tool_response);
+ShareGPT's ``conversation`` (``{"human", "assistant"}`` pairs) or ``conversations`` (from/value turns);
 ms-swift's ``system``/``query``/``response``/``history`` columns (``query`` may also be
-called prompt/question/problem/instruction(+input); ``response`` answer/output/completion/
-solution); TRL's ``prompt``/``chosen``/``rejected`` preference columns.
+called prompt/question/problem/instruction(+input)/input; ``response`` answer/output/completion/
+targets/target/answer_key/answers/solution/text/content); TRL's ``prompt``/``chosen``/``rejected``
+preference columns. Rows with media (``images``, ``videos``, ``audios``, ``objects``) are refused.
 Per task kind: ``"sft"`` a conversation ending with an assistant reply; ``"pair"`` (dpo, cpo,
 orpo, simpo, rm) adds ``rejected_response`` or ``rejected_messages`` and an optional
 numeric ``margin``; ``"kto"`` adds a boolean ``label``; ``"prompt"`` (grpo, ppo) keeps the
@@ -41,8 +43,14 @@ ROLE_ALIASES: dict[str, str] = {
     "tool": "tool",
     "tool_response": "tool",
 }
-QUERY_KEYS: tuple[str, ...] = ("query", "prompt", "question", "problem", "instruction")
-RESPONSE_KEYS: tuple[str, ...] = ("response", "answer", "output", "completion", "solution")
+# ms-swift's column auto-mapping. `input` comes last: an Alpaca row's query is its instruction plus its input.
+QUERY_KEYS: tuple[str, ...] = ("query", "prompt", "question", "problem", "instruction", "input")
+RESPONSE_KEYS: tuple[str, ...] = ("response", "answer", "output", "completion", "targets", "target", "answer_key",
+                                  "answers", "solution", "text", "content")
+# Columns of multimodal rows: jaxalign trains text-only decoders, so a row with media is refused, not trained as
+# its text alone.
+MEDIA_KEYS: tuple[str, ...] = ("images", "videos", "audios", "rejected_images", "rejected_videos", "rejected_audios",
+                               "objects")
 SYSTEM_KEYS: tuple[str, ...] = ("system", "system_prompt")
 
 _NEEDS: dict[str, str] = {
@@ -116,6 +124,10 @@ def normalize_row(row: Row, kind: str, *, name: str = "") -> Example:
     """Normalise one row (raises :class:`BadRow` with the problem, without the place)."""
     data = row.data
     name = name or kind
+    media = next((k for k in MEDIA_KEYS if data.get(k) not in (None, [], "", {})), None)
+    if media is not None:
+        raise BadRow(f'"{media}": multimodal rows are not supported (jaxalign trains text-only models); drop the '
+                     f'column or the row')
     messages, used = _conversation(data, kind, name)
     extras = {k: v for k, v in data.items() if k not in used}
     if kind == "prompt":
@@ -150,6 +162,9 @@ def _conversation(data: dict[str, Any], kind: str, name: str) -> tuple[list[Mess
     """Build the message list and report which columns it consumed."""
     if data.get("messages") is not None:
         return _parse_messages(data["messages"], "messages"), {"messages"}
+    for key in ("conversation", "conversations"):  # ShareGPT: {"human", "assistant"} pairs or from/value turns
+        if data.get(key) is not None:
+            return _sharegpt(data, key), {key, *(k for k in SYSTEM_KEYS if k in data)}
     used: set[str] = set()
     messages: list[Message] = []
     system_key = next((k for k in SYSTEM_KEYS if _present(data.get(k))), None)
@@ -197,6 +212,27 @@ def _conversation(data: dict[str, Any], kind: str, name: str) -> tuple[list[Mess
         else:
             messages.append({"role": "assistant", "content": _text(response, response_key)})
     return messages, used
+
+
+def _sharegpt(data: dict[str, Any], key: str) -> list[Message]:
+    """ShareGPT rows as ms-swift reads them: ``[{"human": q, "assistant": r}, ...]`` (a last pair may lack its
+    reply) or turns with from/value (role/content), after an optional system column."""
+    turns = data[key]
+    system_key = next((k for k in SYSTEM_KEYS if _present(data.get(k))), None)
+    messages = [{"role": "system", "content": _text(data[system_key], system_key)}] if system_key else []
+    if not isinstance(turns, (list, tuple)) or not turns or not all(isinstance(t, dict) for t in turns):
+        raise BadRow(f'"{key}" must be a non-empty list of {{"human": ..., "assistant": ...}} objects')
+    if not any("human" in t or "assistant" in t for t in turns):
+        return messages + _parse_messages(turns, key)
+    for i, turn in enumerate(turns):
+        if turn.get("human") is None:
+            raise BadRow(f'"{key}"[{i}] has no "human" turn')
+        messages.append({"role": "user", "content": _text(turn["human"], f"{key}[{i}].human")})
+        if turn.get("assistant") is not None:
+            messages.append({"role": "assistant", "content": _text(turn["assistant"], f"{key}[{i}].assistant")})
+        elif i != len(turns) - 1:
+            raise BadRow(f'"{key}"[{i}] has no "assistant" reply (only the last pair may lack one)')
+    return messages
 
 
 def _parse_messages(value: Any, key: str) -> list[Message]:
