@@ -179,7 +179,9 @@ OPTIONS: dict[str, Option] = {
 }
 
 # ms-swift 3 spells --tuner_type as --train_type.
-OPTION_ALIASES = {"train_type": "tuner_type"}
+# ms-swift's other names for an option (max_completion_length: its max_new_tokens and PPO's response_length)
+OPTION_ALIASES = {"train_type": "tuner_type", "max_new_tokens": "max_completion_length",
+                  "response_length": "max_completion_length"}
 
 
 def default_config(command: str) -> ml_collections.ConfigDict:
@@ -418,6 +420,8 @@ def check_algorithm_options(spec, cfg: ml_collections.ConfigDict) -> None:
         return
     if cfg.ref_model and spec.reference == "none":
         raise ConfigError(f"--ref_model: {name} uses no reference model; drop the flag")
+    if cfg.get("ref_adapters") and spec.reference == "none":
+        raise ConfigError(f"--ref_adapters: {name} uses no reference model; drop the flag")
     if spec.data_kind == "pair" and name != "rm":
         preference_loss_types(name, cfg.loss_type, cfg.loss_weights)
     if name == "kto":

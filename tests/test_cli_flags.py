@@ -95,3 +95,17 @@ def test_readme_command_parses_with_valid_values(command):
         for name, value in flags.items():
             assert name in OPTIONS
             coerce(name, value)  # types and choices, as a run checks them
+
+
+@pytest.mark.parametrize("flag", ["--max_completion_length", "--max_new_tokens", "--response_length"])
+def test_ms_swift_names_of_the_completion_budget(flag):
+    cfg = resolve("rlhf", None, _flags(f"rlhf --rlhf_type ppo --model m --reward_model r --dataset p.jsonl {flag} 64"))
+    assert cfg.max_completion_length == 64
+
+
+@pytest.mark.parametrize("algorithm", ["cpo", "simpo", "orpo", "rm"])
+def test_ref_adapters_refused_where_no_reference_is_used(algorithm):
+    from jaxalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"--ref_adapters: {algorithm} uses no reference model; drop the flag"):
+        resolve("rlhf", None, {"rlhf_type": algorithm, "tuner_type": "lora", "ref_adapters": "sft_lora"})
