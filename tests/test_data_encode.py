@@ -186,3 +186,34 @@ def test_prompt_encoding():
     assert stats.deleted_too_long == 1
     with pytest.raises(ConfigError, match="choose one of delete, left for prompt-only"):
         Encoder(tokenizer(), kind="grpo", truncation_strategy="right")
+
+
+def _tools_tokenizer():
+    """The char tokenizer with a ChatML template that lists the tools' names in a system turn, as Qwen's does."""
+    tok = build_char_tokenizer()
+    tok.chat_template = (
+        "{% if tools %}<|im_start|>system\n{% for t in tools %}{{ t['name'] }};{% endfor %}<|im_end|>\n{% endif %}"
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+def test_tools_rendered_into_the_prompt_and_not_trained():
+    tools = [{"name": "add"}, {"name": "sub"}]
+    tok = _tools_tokenizer()
+    ex = Encoder(tok, kind="sft").encode(Example([U, A], "w", tools=tools))
+    prompt = chatml(("system", "add;sub;"), ("user", "1+2=")) + ids(IM_START, "assistant\n")
+    assert ex.input_ids.tolist() == prompt + ids("3", IM_END)  # the text after the last reply is not kept
+    assert np.flatnonzero(ex.loss_mask).tolist() == [len(prompt), len(prompt) + 1]
+    grpo = Encoder(tok, kind="grpo").encode(Example([U], "w", tools=tools))
+    assert grpo.prompt_ids.tolist() == prompt
+    pair = Encoder(tok, kind="dpo").encode(Example([U, A], "w", rejected_messages=[U, {"role": "assistant", "content": "4"}],
+                                                   tools=tools))
+    assert pair.rejected_ids.tolist() == prompt + ids("4", IM_END)
+
+
+def test_tools_refused_by_a_template_that_ignores_them():
+    with pytest.raises(DataError, match=r'^t\.jsonl line 2: the row has "tools" but the chat template does not render '
+                                        r'them .*; use a model whose template takes tools, or drop the column$'):
+        Encoder(tokenizer(), kind="sft").encode(Example([U, A], "t.jsonl line 2", tools=[{"name": "add"}]))

@@ -73,6 +73,17 @@ def test_sharegpt_conversation_columns():
     assert pair.messages == [U, A] and pair.rejected_messages == [U, {"role": "assistant", "content": "3"}]
 
 
+def test_tools_column_as_list_or_json_text():
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    assert one({"messages": [U, A], "tools": tools}, "sft").tools == tools
+    assert one({"messages": [U, A], "tools": '[{"type": "function", "function": {"name": "add"}}]'}, "sft").tools == tools
+    assert one({"messages": [U], "tools": tools, "solution": "2"}, "grpo").tools == tools
+    assert one({"messages": [U, A], "tools": "", "rejected_response": "3"}, "dpo").tools is None
+    assert error_of({"messages": [U, A], "tools": "[{"}, "sft").startswith('"tools" is not valid JSON (')
+    assert error_of({"messages": [U, A], "tools": ["add"]}, "sft") == (
+        '"tools" must be a list of function definitions (objects), or its JSON text')
+
+
 def test_ms_swift_column_auto_mapping():
     for response_key in ("targets", "target", "answer_key", "answers", "text", "content"):
         assert one({"question": "1+1=", response_key: "2"}, "sft").messages == [U, A]

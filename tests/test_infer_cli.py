@@ -125,3 +125,15 @@ def test_infer_bad_input_exits_2(model_dir, tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and expect in err, err
     assert not dst.exists()
+
+
+def test_input_file_rows_carry_their_tools(tmp_path):
+    from jaxalign.commands.infer import read_prompt_rows
+
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1="}], "tools": '[{"name": "add"}]'}) + "\n"
+                    + json.dumps({"query": "2+2="}) + "\n")
+    assert read_prompt_rows(str(path)) == [
+        ([{"role": "user", "content": "1+1="}], f"{path} line 1", [{"name": "add"}]),
+        ([{"role": "user", "content": "2+2="}], f"{path} line 2", None),
+    ]

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch_size {args.batch_size}: must be at least 1")
     if args.prompt is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
-        conversations = [(messages + [{"role": "user", "content": args.prompt}], "--prompt")]
+        conversations = [(messages + [{"role": "user", "content": args.prompt}], "--prompt", None)]
     else:
         conversations = read_prompt_rows(args.input_file)
     if not conversations:
@@ -100,8 +100,8 @@ def run(args: argparse.Namespace) -> int:
     renderer = ChatRenderer(tokenizer, None if args.template == "default" else args.template,
                             model_type=config.model_type)
     encoded = []
-    for messages, where in conversations:
-        text = renderer.render(messages, add_generation_prompt=True, where=where)
+    for messages, where, tools in conversations:
+        text = renderer.render(messages, add_generation_prompt=True, where=where, tools=tools)
         ids = renderer.encode_text(text)
         if not ids:
             raise ConfigError(f"{where}: the prompt renders to no tokens")
@@ -142,8 +142,8 @@ def _has_tokenizer(folder: str) -> bool:
     return (Path(folder) / "tokenizer_config.json").is_file()
 
 
-def read_prompt_rows(path: str) -> list[tuple[list[dict[str, Any]], str]]:
-    """(messages, "file line N") for each row of an ms-swift JSONL file; a final assistant turn is dropped."""
+def read_prompt_rows(path: str) -> list[tuple[list[dict[str, Any]], str, list | None]]:
+    """(messages, "file line N", tools) for each row of an ms-swift JSONL file; a final assistant turn is dropped."""
     from jaxalign.data.formats import BadRow, normalize_row
     from jaxalign.data.rows import Row
     from jaxalign.errors import DataError
@@ -166,7 +166,7 @@ def read_prompt_rows(path: str) -> list[tuple[list[dict[str, Any]], str]]:
                 example = normalize_row(row, "prompt", name="infer")
             except BadRow as e:
                 raise DataError(f"{row.where}: {e}; fix the row") from None
-            out.append((example.messages, row.where))
+            out.append((example.messages, row.where, example.tools))
     return out
 
 

@@ -13,6 +13,7 @@ reply, ``default`` every assistant reply, ``all`` every token.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -163,12 +164,12 @@ class Encoder:
         """Encode one example for this encoder's kind; None when truncation drops it."""
         stats = stats if stats is not None else EncodeStats()
         if self.kind == "sft":
-            seq = self._truncate(*self.encode_conversation(ex.messages, where=ex.where)[:2], stats)
+            seq = self._truncate(*self.encode_conversation(ex.messages, where=ex.where, tools=ex.tools)[:2], stats)
             return None if seq is None else SFTExample(seq[0], seq[1], ex.where)
         if self.kind == "pair":
             assert ex.rejected_messages is not None
-            chosen = self.encode_conversation(ex.messages, where=ex.where)
-            rejected = self.encode_conversation(ex.rejected_messages, where=ex.where)
+            chosen = self.encode_conversation(ex.messages, where=ex.where, tools=ex.tools)
+            rejected = self.encode_conversation(ex.rejected_messages, where=ex.where, tools=ex.tools)
             c = self._truncate(chosen[0], chosen[1], stats)
             r = self._truncate(rejected[0], rejected[1], stats) if c is not None else None
             if c is None or r is None:
@@ -181,17 +182,18 @@ class Encoder:
     # -- pieces ----------------------------------------------------------------------------
 
     def encode_conversation(
-        self, messages: list[dict[str, Any]], *, where: str = "", loss_scale: str | None = None
+        self, messages: list[dict[str, Any]], *, where: str = "", loss_scale: str | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, int]:
         """Ids, loss mask and the number of tokens before the last reply (untruncated)."""
         loss_scale = loss_scale or self.loss_scale
-        render = self.renderer.render
+        render = functools.partial(self.renderer.render, tools=tools)
         full = render(messages, add_generation_prompt=False, where=where)
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not replies or replies[-1] != len(messages) - 1:
             raise DataError(f"{where}: the conversation must end with an assistant reply")
         trained = replies if loss_scale in ("default", "all") else replies[-1:]
-        spans = [self._reply_span(messages, k, full, where) for k in trained]
+        spans = [self._reply_span(messages, k, full, where, render) for k in trained]
         if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):
             raise DataError(f"{where}: assistant replies overlap in the rendered chat template; pass --template plain")
         ids: list[int] = []
@@ -211,9 +213,9 @@ class Encoder:
             mask_arr[0] = 0  # nothing predicts the first token
         return np.asarray(ids, dtype=np.int32), mask_arr, prompt_len
 
-    def _reply_span(self, messages: list[dict[str, Any]], k: int, full: str, where: str) -> tuple[int, int]:
-        """Character span of assistant reply ``k`` in ``full`` (its end-of-turn token included)."""
-        render = self.renderer.render
+    def _reply_span(self, messages: list[dict[str, Any]], k: int, full: str, where: str, render) -> tuple[int, int]:
+        """Character span of assistant reply ``k`` in ``full`` (its end-of-turn token included), rendering prefixes
+        with ``render`` (the renderer's, with the row's tools)."""
         prefix = render(messages[:k], add_generation_prompt=True, where=where)
         start = _common_prefix_len(prefix, full)
         if k == len(messages) - 1:
@@ -243,13 +245,15 @@ class Encoder:
             )
         return start, end
 
-    def encode_prompt(self, messages: list[dict[str, Any]], *, where: str = "") -> np.ndarray:
+    def encode_prompt(self, messages: list[dict[str, Any]], *, where: str = "",
+                      tools: list[dict[str, Any]] | None = None) -> np.ndarray:
         """Ids of the prompt with the assistant turn opened (untruncated)."""
-        text = self.renderer.render(messages, add_generation_prompt=True, where=where)
+        text = self.renderer.render(messages, add_generation_prompt=True, where=where, tools=tools)
         return np.asarray(self.renderer.encode_text(text), dtype=np.int32)
 
     def _encode_kto(self, ex: Example, stats: EncodeStats) -> KTOExample | None:
-        ids, _, prompt_len = self.encode_conversation(ex.messages, where=ex.where, loss_scale="last_round")
+        ids, _, prompt_len = self.encode_conversation(ex.messages, where=ex.where, loss_scale="last_round",
+                                                      tools=ex.tools)
         prompt, completion = ids[:prompt_len], ids[prompt_len:]
         limit = self.max_length
         if limit is not None and ids.shape[0] > limit:
@@ -268,7 +272,7 @@ class Encoder:
         return KTOExample(prompt, completion, bool(ex.label), ex.where)
 
     def _encode_prompt(self, ex: Example, stats: EncodeStats) -> PromptExample | None:
-        ids = self.encode_prompt(ex.messages, where=ex.where)
+        ids = self.encode_prompt(ex.messages, where=ex.where, tools=ex.tools)
         if self.max_length is not None and ids.shape[0] > self.max_length:
             if self.truncation_strategy == "delete":
                 stats.deleted_too_long += 1

@@ -15,6 +15,7 @@ prompt only (a final assistant reply is dropped) and carries every other column 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class Example:
     label: bool | None = None
     margin: float | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None  # function definitions the chat template renders into the prompt
 
 
 class BadRow(Exception):
@@ -130,18 +132,19 @@ def normalize_row(row: Row, kind: str, *, name: str = "") -> Example:
                      f'column or the row')
     messages, used = _conversation(data, kind, name)
     extras = {k: v for k, v in data.items() if k not in used}
+    tools = _tools(data.get("tools"))
     if kind == "prompt":
         if messages and messages[-1]["role"] == "assistant":
             messages = messages[:-1]
         _check_roles(messages, "messages")
         if not messages or messages[-1]["role"] != "user":
             raise BadRow(f'"messages" must end with a user turn ({name} rows need {_NEEDS[kind]})')
-        return Example(messages, row.where, extras=extras)
+        return Example(messages, row.where, extras=extras, tools=tools)
 
     _check_roles(messages, "messages")
     _check_ends_with_reply(messages, "messages", name, kind)
     if kind == "sft":
-        return Example(messages, row.where, extras=extras)
+        return Example(messages, row.where, extras=extras, tools=tools)
     if kind == "kto":
         if "label" not in data or data["label"] is None:
             raise BadRow(f'missing "label" ({name} rows need {_NEEDS[kind]})')
@@ -149,13 +152,13 @@ def normalize_row(row: Row, kind: str, *, name: str = "") -> Example:
         if not isinstance(label, (bool, np.bool_)):
             raise BadRow(f'"label" must be true or false, got {label!r}')
         extras.pop("label", None)
-        return Example(messages, row.where, label=bool(label), extras=extras)
+        return Example(messages, row.where, label=bool(label), extras=extras, tools=tools)
     # pair
     rejected = _rejected(data, messages, name)
     margin = _margin(data)
     for key in ("rejected_response", "rejected_messages", "rejected", "margin"):
         extras.pop(key, None)
-    return Example(messages, row.where, rejected_messages=rejected, margin=margin, extras=extras)
+    return Example(messages, row.where, rejected_messages=rejected, margin=margin, extras=extras, tools=tools)
 
 
 def _conversation(data: dict[str, Any], kind: str, name: str) -> tuple[list[Message], set[str]]:
@@ -212,6 +215,20 @@ def _conversation(data: dict[str, Any], kind: str, name: str) -> tuple[list[Mess
         else:
             messages.append({"role": "assistant", "content": _text(response, response_key)})
     return messages, used
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """The ``tools`` column: a list of function definitions, or its JSON text (ms-swift takes either)."""
+    if value is None or (isinstance(value, (str, list, tuple)) and not len(value)):
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BadRow(f'"tools" is not valid JSON ({e.msg} at character {e.pos})') from None
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, dict) for t in value):
+        raise BadRow('"tools" must be a list of function definitions (objects), or its JSON text')
+    return list(value) or None
 
 
 def _sharegpt(data: dict[str, Any], key: str) -> list[Message]:

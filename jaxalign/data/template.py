@@ -60,15 +60,32 @@ class ChatRenderer:
         )
         if template is None and self.uses_plain:
             _notice_plain_fallback(tokenizer)
+        self._renders_tools: bool | None = None
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, where: str = "") -> str:
-        """The conversation as text (``add_generation_prompt`` opens an assistant turn)."""
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool, where: str = "",
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """The conversation as text (``add_generation_prompt`` opens an assistant turn), with ``tools`` (function
+        definitions) rendered where the chat template puts them; a template that ignores them is an error."""
+        text = self._render(messages, add_generation_prompt, where, tools)
+        if tools:
+            if self._renders_tools is None:  # a property of the template: checked on its first row with tools
+                self._renders_tools = text != self._render(messages, add_generation_prompt, where, None)
+            if not self._renders_tools:
+                prefix = f"{where}: " if where else ""
+                raise DataError(f'{prefix}the row has "tools" but the chat template does not render them (the plain '
+                                f'and gemma templates do not); use a model whose template takes tools, or drop the '
+                                f'column')
+        return text
+
+    def _render(self, messages, add_generation_prompt: bool, where: str, tools) -> str:
+        extra = {"tools": tools} if tools else {}
         try:
             text = self.tokenizer.apply_chat_template(
                 messages,
                 tokenize=False,
                 add_generation_prompt=add_generation_prompt,
                 chat_template=self.chat_template,
+                **extra,
             )
         except Exception as e:  # jinja's raise_exception and friends
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
