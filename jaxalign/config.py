@@ -48,8 +48,8 @@ OPTIONS: dict[str, Option] = {
     "template": Option(None, str, "chat template: the tokenizer's own (default; Gemma's when a Gemma model's "
                        "tokenizer has none), 'plain' or 'gemma'", (None, "plain", "gemma")),
     "loss_scale": Option(
-        "last_round", str, "trained tokens: the last reply, every reply (default) or every token (all)",
-        ("last_round", "default", "all"),
+        None, str, "trained tokens: the last reply (last_round; ms-swift's default but for ORPO), every reply "
+        "(default; ORPO's) or every token (all)", (None, "last_round", "default", "all"),
     ),
     "ignore_bad_rows": Option(False, bool, "skip malformed rows (counted) instead of stopping"),
     "length_buckets": Option(None, str, "padded lengths; default powers of two from 64 up to max_length",
@@ -255,6 +255,8 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
         cfg.per_device_train_batch_size = default_batch_size(spec, cfg)
     if "beta" in cfg and cfg.beta is None:
         cfg.beta = spec.default_beta
+    if cfg.loss_scale is None:  # ms-swift: ORPO trains every reply of a text conversation, the rest the last
+        cfg.loss_scale = "default" if spec.name == "orpo" else "last_round"
     if cfg.learning_rate is None:
         cfg.learning_rate = 1e-4 if cfg.tuner_type == "lora" else 1e-5
     _check(cfg)

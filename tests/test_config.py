@@ -103,6 +103,13 @@ def test_none_resets_optional_options():
     assert resolve("sft", None, {"eval_steps": "none", "save_total_limit": "None"}).eval_steps is None
 
 
+def test_loss_scale_defaults_per_algorithm_as_ms_swift():
+    assert resolve("sft", None, {}).loss_scale == "last_round"
+    assert [resolve("rlhf", None, {"rlhf_type": t}).loss_scale for t in ("dpo", "orpo", "kto")] == [
+        "last_round", "default", "last_round"]
+    assert resolve("rlhf", None, {"rlhf_type": "orpo", "loss_scale": "last_round"}).loss_scale == "last_round"
+
+
 def test_every_option_has_help_and_valid_default():
     for name, opt in OPTIONS.items():
         assert opt.help, name
