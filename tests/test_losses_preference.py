@@ -244,12 +244,15 @@ def test_dpo_jit_float32_dtype_and_static_loss_type():
 
 
 # ---------------------------------------------------------------- CPO / SimPO
-def ref_cpo(c, r, *, beta, loss_type, ls=0.0):
+def ref_cpo(c, r, *, beta, loss_type, ls=0.0, gamma=1.0):
     out = []
     for ci, ri in zip(c, r):
         z = ci - ri
         if loss_type == "sigmoid":
             out.append(-(1 - ls) * logsig(beta * z) - ls * logsig(-beta * z))
+        elif loss_type == "simpo":  # TRL: logits - gamma / beta, then the sigmoid loss of beta x logits
+            x = beta * (z - gamma / beta)
+            out.append(-(1 - ls) * logsig(x) - ls * logsig(-x))
         elif loss_type == "hinge":
             out.append(max(0.0, 1 - beta * z))
         else:
@@ -257,14 +260,15 @@ def ref_cpo(c, r, *, beta, loss_type, ls=0.0):
     return out
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "simpo"])
 def test_cpo(loss_type):
     c, r, _, _ = batch(seed=8)
-    ls = 0.2 if loss_type == "sigmoid" else 0.0
+    ls = 0.2 if loss_type in ("sigmoid", "simpo") else 0.0
     for beta in (0.1, 1.0):
-        kw = dict(beta=beta, loss_type=loss_type, label_smoothing=ls)
+        kw = dict(beta=beta, loss_type=loss_type, label_smoothing=ls, simpo_gamma=0.7)
         losses, cr, rj = cpo_loss(jnp.asarray(c), jnp.asarray(r), **kw)
-        np.testing.assert_allclose(np.asarray(losses), ref_cpo(c, r, beta=beta, loss_type=loss_type, ls=ls), rtol=1e-10)
+        np.testing.assert_allclose(np.asarray(losses), ref_cpo(c, r, beta=beta, loss_type=loss_type, ls=ls, gamma=0.7),
+                                   rtol=1e-10)
         np.testing.assert_allclose(np.asarray(cr), beta * c, rtol=1e-12)
         np.testing.assert_allclose(np.asarray(rj), beta * r, rtol=1e-12)
 
@@ -272,12 +276,13 @@ def test_cpo(loss_type):
             return jnp.sum(cpo_loss(x, y, **kw)[0])
 
         grads = jax.grad(total, argnums=(0, 1))(jnp.asarray(c), jnp.asarray(r))
-        ref_grads = fd_grads(lambda x, y: sum(ref_cpo(x, y, beta=beta, loss_type=loss_type, ls=ls)), [list(c), list(r)])
+        ref_grads = fd_grads(lambda x, y: sum(ref_cpo(x, y, beta=beta, loss_type=loss_type, ls=ls, gamma=0.7)),
+                             [list(c), list(r)])
         for g, rg in zip(grads, ref_grads):
             np.testing.assert_allclose(np.asarray(g), rg, rtol=1e-5, atol=1e-6)
         directional_check(total, [jnp.asarray(c), jnp.asarray(r)])
-    with pytest.raises(ConfigError, match="sigmoid, hinge, ipo"):
-        cpo_loss(jnp.zeros(1), jnp.zeros(1), loss_type="simpo")
+    with pytest.raises(ConfigError, match="sigmoid, hinge, ipo, simpo"):
+        cpo_loss(jnp.zeros(1), jnp.zeros(1), loss_type="orpo")
 
 
 def ref_simpo(c, r, *, beta, gamma, ls):
@@ -417,7 +422,7 @@ def test_float32_in_float32_out_even_with_x64_enabled():
     x = jnp.asarray([-1.0, -2.0], jnp.float32)
     y = jnp.asarray([-3.0, -0.5], jnp.float32)
     outs = [dpo_loss(x, y, y, x, loss_type=t) for t in ALL_DPO]
-    outs += [cpo_loss(x, y, loss_type=t) for t in ("sigmoid", "hinge", "ipo")]
+    outs += [cpo_loss(x, y, loss_type=t) for t in ("sigmoid", "hinge", "ipo", "simpo")]
     outs += [simpo_loss(x, y), orpo_loss(x, y), kto_loss(x, y, y, x, kto_kl(x, y)), kto_kl(x, y)]
     outs += [kto_loss(x[:0], y, y[:0], x, 0.2), kto_loss(x, y[:0], y, x[:0], 0.2)]
     assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(outs)} == {jnp.dtype(jnp.float32)}

@@ -56,6 +56,8 @@ CASES = {
                    "dpo", dict(loss_type=["robust"], beta=0.1, label_smoothing=0.2), "pairs"),
     "cpo": (dict(rlhf_type="cpo", beta=0.1, cpo_alpha=0.7),
             "cpo", dict(loss_type="sigmoid", beta=0.1, cpo_alpha=0.7), "equal_pairs"),
+    "cpo_simpo": (dict(rlhf_type="cpo", loss_type="simpo", beta=0.5, simpo_gamma=0.3, cpo_alpha=0.7),
+                  "cpo", dict(loss_type="simpo", beta=0.5, simpo_gamma=0.3, cpo_alpha=0.7), "equal_pairs"),
     "simpo": (dict(rlhf_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=1.0),
               "cpo", dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=1.0), "equal_pairs"),
     "orpo": (dict(rlhf_type="orpo", beta=0.2), "orpo", dict(beta=0.2), "equal_pairs"),

@@ -51,18 +51,18 @@ DPO_LOSS_TYPES = (
 # TRL >= 0.13 renamed ``aot_pair`` to ``aot_unpaired``; accept both spellings.
 _DPO_ALIASES = {"aot_unpaired": "aot_pair"}
 
-CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")  # simpo: CPO-SimPO (ms-swift's --rlhf_type simpo is this)
 
 # Loss types fed length-averaged log-probs (sums divided by the response length), as TRL does;
 # SimPO and ORPO always are. Every other loss type takes sums.
-LENGTH_AVERAGED = frozenset({"ipo"})
+LENGTH_AVERAGED = frozenset({"ipo", "simpo"})
 
 
 def preference_loss_types(kind: str, loss_type: str | None, loss_weights: str | None):
     """``--loss_type`` and ``--loss_weights`` of a paired algorithm, checked: (types, weights).
 
     DPO takes several comma- or space-separated types (plus ``sft``, the chosen NLL: MPO) with one
-    weight each, aliases resolved; CPO takes one of its three; SimPO and ORPO have their own loss."""
+    weight each, aliases resolved; CPO takes one of its four; SimPO and ORPO have their own loss."""
     if kind in ("simpo", "orpo"):
         if loss_type not in (None, "", kind, "sigmoid"):
             raise ConfigError(f"--loss_type {loss_type!r}: {kind} has its own loss; drop the flag")
@@ -263,12 +263,14 @@ def cpo_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    simpo_gamma: float = 1.0,
 ):
     """Contrastive Preference Optimization loss (Xu et al. 2024), reference-free DPO.
 
     With ``z = logp_c - logp_r``: ``sigmoid`` ``-(1-ls) log s(beta z) - ls log s(-beta z)``;
-    ``hinge`` ``relu(1 - beta z)``; ``ipo`` ``(z - 1/(2 beta))^2`` (the caller passes
-    length-averaged log-probs for ``ipo``, as TRL does). The behaviour-cloning NLL term
+    ``hinge`` ``relu(1 - beta z)``; ``ipo`` ``(z - 1/(2 beta))^2``; ``simpo`` the sigmoid loss of
+    ``beta z - simpo_gamma`` (TRL's CPO-SimPO). The caller passes length-averaged log-probs for ``ipo``
+    and ``simpo``, as TRL does. The behaviour-cloning NLL term
     (``cpo_alpha``) is added by the trainer. Returns ``(losses, chosen_rewards,
     rejected_rewards)`` with rewards ``beta * logps`` (stop-gradient).
     """
@@ -282,6 +284,8 @@ def cpo_loss(
         losses = _smoothed_sigmoid_loss(beta * logits, label_smoothing)
     elif loss_type == "hinge":
         losses = jax.nn.relu(1.0 - beta * logits)
+    elif loss_type == "simpo":
+        losses = _smoothed_sigmoid_loss(beta * logits - simpo_gamma, label_smoothing)
     else:  # ipo
         losses = (logits - 1.0 / (2.0 * beta)) ** 2
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_logps)

@@ -72,7 +72,7 @@ class PairPreference(OfflineAlgorithm):
         # DPO reads only the replies' log-probs: each prompt goes through the model once for both replies. CPO,
         # SimPO and ORPO log (and ORPO trains on) every position's logits, so they keep a sequence per reply.
         self.shares_prompts = self.name == "dpo" and bool(cfg.shared_prefix)
-        # CPO's ipo, SimPO and ORPO feed length-averaged log-probs to the loss and, as TRL, log those.
+        # CPO's ipo and simpo, SimPO and ORPO feed length-averaged log-probs to the loss and, as TRL, log those.
         self.logs_averages = self.name in ("simpo", "orpo") or (
             self.name == "cpo" and self.loss_types[0] in LENGTH_AVERAGED)
         self._graphdef = self._rest = None
@@ -213,7 +213,8 @@ class PairPreference(OfflineAlgorithm):
         if self.name == "cpo":
             t = self.loss_types[0]
             pol = avg if t in LENGTH_AVERAGED else sums
-            losses, cr, rr = cpo_loss(pol[:b], pol[b:], beta=beta, loss_type=t, label_smoothing=cfg.label_smoothing)
+            losses, cr, rr = cpo_loss(pol[:b], pol[b:], beta=beta, loss_type=t, label_smoothing=cfg.label_smoothing,
+                                      simpo_gamma=cfg.simpo_gamma)
             return losses, cr, rr, extra
         if self.name == "simpo":
             losses, cr, rr = simpo_loss(avg[:b], avg[b:], beta=beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing)
