@@ -415,7 +415,7 @@ def check_algorithm_options(spec, cfg: ml_collections.ConfigDict) -> None:
     """The options an algorithm reads, checked before any model loads (as TRL's ``__post_init__``)."""
     # Imported here: the CLI builds its parser from this module, and these pull in jax and math-verify.
     from jaxalign.losses.grpo import GRPO_LOSS_TYPES
-    from jaxalign.losses.preference import preference_loss_types
+    from jaxalign.losses.preference import KTO_LOSS_TYPES, preference_loss_types
 
     name = spec.name
     if spec.command != "rlhf":
@@ -431,8 +431,9 @@ def check_algorithm_options(spec, cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"--beta {cfg.beta}: KTO needs beta > 0")
         if cfg.desirable_weight < 0 or cfg.undesirable_weight < 0:
             raise ConfigError("--desirable_weight and --undesirable_weight must be >= 0")
-        if cfg.loss_type not in (None, "", "kto"):
-            raise ConfigError(f"--loss_type {cfg.loss_type!r} is not available for kto; this build has 'kto'")
+        if cfg.loss_type not in (None, "", *KTO_LOSS_TYPES):
+            raise ConfigError(f"--loss_type {cfg.loss_type!r} is not valid for kto; choose from "
+                              + ", ".join(KTO_LOSS_TYPES))
         if cfg.reference_free:
             raise ConfigError("--reference_free: KTO needs a reference model; drop the flag")
         if cfg.precompute_ref_log_probs:

@@ -368,6 +368,33 @@ def ref_kto(c, r, rc, rr, kl, *, beta, wd, wu):
     return out
 
 
+def ref_apo_zero_unpaired(c, r, rc, rr, *, beta, wd, wu):  # APO paper eq. 7, unpaired (TRL's KTOTrainer)
+    out = [wd * (1 - sig(beta * (c[i] - rc[i]))) for i in range(len(c))]
+    out += [wu * sig(beta * (r[i] - rr[i])) for i in range(len(r))]
+    return out
+
+
+@pytest.mark.parametrize("n_c,n_r", [(4, 3), (0, 3), (4, 0)])
+def test_kto_apo_zero_unpaired(n_c, n_r):
+    rng = np.random.RandomState(5 + n_c + n_r)
+    c, rc, r, rr = (-rng.uniform(5, 60, size=n) for n in (n_c, n_c, n_r, n_r))
+    kw = dict(beta=0.5, desirable_weight=1.33, undesirable_weight=0.8, loss_type="apo_zero_unpaired")
+    args = tuple(map(jnp.asarray, (c, r, rc, rr)))
+    losses, cr, rj = kto_loss(*args, 0.7, **kw)  # the reference point plays no part
+    expected = ref_apo_zero_unpaired(c, r, rc, rr, beta=0.5, wd=1.33, wu=0.8)
+    np.testing.assert_allclose(np.asarray(losses), expected, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(cr), 0.5 * (c - rc), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(rj), 0.5 * (r - rr), rtol=1e-12)
+    if n_c and n_r:
+        grads = jax.grad(lambda *xs: jnp.sum(kto_loss(*xs, 0.0, **kw)[0]), argnums=(0, 1, 2, 3))(*args)
+        ref_grads = fd_grads(lambda *xs: sum(ref_apo_zero_unpaired(*xs, beta=0.5, wd=1.33, wu=0.8)),
+                             [list(c), list(r), list(rc), list(rr)])
+        for g, rg in zip(grads, ref_grads):
+            np.testing.assert_allclose(np.asarray(g), rg, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ConfigError, match="kto, apo_zero_unpaired"):
+        kto_loss(*args, 0.0, loss_type="apo_zero")
+
+
 def test_kto_kl_estimate():
     p = np.array([-10.0, -20.0, -5.0])
     q = np.array([-12.0, -19.0, -6.5])

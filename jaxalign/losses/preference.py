@@ -21,6 +21,7 @@ from jaxalign.errors import ConfigError
 __all__ = [
     "DPO_LOSS_TYPES",
     "CPO_LOSS_TYPES",
+    "KTO_LOSS_TYPES",
     "LENGTH_AVERAGED",
     "preference_loss_types",
     "dpo_loss",
@@ -51,6 +52,7 @@ DPO_LOSS_TYPES = (
 # TRL >= 0.13 renamed ``aot_pair`` to ``aot_unpaired``; accept both spellings.
 _DPO_ALIASES = {"aot_unpaired": "aot_pair"}
 
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # apo_zero_unpaired needs no KL reference point
 CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo")  # simpo: CPO-SimPO (ms-swift's --rlhf_type simpo is this)
 
 # Loss types fed length-averaged log-probs (sums divided by the response length), as TRL does;
@@ -374,8 +376,12 @@ def kto_loss(
     beta: float = 0.1,
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
 ):
-    """Kahneman-Tversky Optimization loss (Ethayarajh et al. 2024), TRL's ``kto`` loss type.
+    """Kahneman-Tversky Optimization loss (Ethayarajh et al. 2024), TRL's ``kto`` loss type; with
+    ``loss_type="apo_zero_unpaired"`` the unpaired APO-zero loss (D'Oosterlinck et al. 2024, eq. 7), which has no
+    reference point: desirable ``lambda_D (1 - s(beta lr_c))``, undesirable ``lambda_U s(beta lr_r)`` (``kl``
+    is ignored; pass 0).
 
     ``chosen_*`` are the desirable examples ``[Bc]`` and ``rejected_*`` the undesirable ones
     ``[Br]`` of the batch (either may have length 0); ``kl`` is the scalar reference point from
@@ -387,11 +393,16 @@ def kto_loss(
     _check_hparam("beta", beta, low=0.0, low_open=True)
     _check_hparam("desirable_weight", desirable_weight, low=0.0)
     _check_hparam("undesirable_weight", undesirable_weight, low=0.0)
+    loss_type = _check_loss_type(loss_type, KTO_LOSS_TYPES, "KTO")
     chosen_lr = jnp.asarray(chosen_logps) - jnp.asarray(ref_chosen_logps)
     rejected_lr = jnp.asarray(rejected_logps) - jnp.asarray(ref_rejected_logps)
-    kl = jax.lax.stop_gradient(jnp.asarray(kl, dtype=chosen_lr.dtype))
-    chosen_losses = desirable_weight * (1.0 - sigmoid(beta * (chosen_lr - kl)))
-    rejected_losses = undesirable_weight * (1.0 - sigmoid(beta * (kl - rejected_lr)))
+    if loss_type == "apo_zero_unpaired":
+        chosen_losses = desirable_weight * (1.0 - sigmoid(beta * chosen_lr))
+        rejected_losses = undesirable_weight * sigmoid(beta * rejected_lr)
+    else:
+        kl = jax.lax.stop_gradient(jnp.asarray(kl, dtype=chosen_lr.dtype))
+        chosen_losses = desirable_weight * (1.0 - sigmoid(beta * (chosen_lr - kl)))
+        rejected_losses = undesirable_weight * (1.0 - sigmoid(beta * (kl - rejected_lr)))
     losses = jnp.concatenate([chosen_losses.reshape(-1), rejected_losses.reshape(-1)], axis=0)
     chosen_rewards = jax.lax.stop_gradient(beta * chosen_lr)
     rejected_rewards = jax.lax.stop_gradient(beta * rejected_lr)

@@ -19,21 +19,23 @@ from jaxalign.trainers.algorithm import OfflineAlgorithm
 from jaxalign.trainers.logprobs import masked_row_sums, predicting_positions, sequence_logps, token_stats
 
 
-def kto_forward(model, micro, *, mean_logits: bool = True):
+def kto_forward(model, micro, *, mean_logits: bool = True, kl_pairs: bool = True):
     """From one forward over the rows and their KL pairs: sequence log-probs (sums over completion
-    tokens) of the rows [B] and of the KL pairs [B], and per row the sum over the positions predicting
-    its completion of the vocabulary-mean logit [B] (for ``logits/*``; None unless ``mean_logits``).
-    The LM head runs in chunks (:func:`jaxalign.trainers.logprobs.head_stats`)."""
+    tokens) of the rows [B] and of the KL pairs [B] (None without ``kl_pairs``: the rows alone go through the
+    model), and per row the sum over the positions predicting its completion of the vocabulary-mean logit [B]
+    (for ``logits/*``; None unless ``mean_logits``). The LM head runs in chunks
+    (:func:`jaxalign.trainers.logprobs.head_stats`)."""
     b = micro["input_ids"].shape[0]
-    ids = jnp.concatenate([micro["input_ids"], micro["kl_input_ids"]])
-    attn = jnp.concatenate([micro["attention_mask"], micro["kl_attention_mask"]])
-    mask = jnp.concatenate([micro["loss_mask"], micro["kl_loss_mask"]])
+    extra = ("kl_",) if kl_pairs else ()
+    ids = jnp.concatenate([micro[p + "input_ids"] for p in ("", *extra)])
+    attn = jnp.concatenate([micro[p + "attention_mask"] for p in ("", *extra)])
+    mask = jnp.concatenate([micro[p + "loss_mask"] for p in ("", *extra)])
     stats = token_stats(model, ids, attn, mean_logits=mean_logits)
     sums, _ = sequence_logps(stats.logps, mask)
     logit_sums = None
     if mean_logits:
         logit_sums = masked_row_sums(stats.mean_logits[:b], predicting_positions(micro["loss_mask"]))
-    return sums[:b], sums[b:], logit_sums
+    return sums[:b], (sums[b:] if kl_pairs else None), logit_sums
 
 
 class KTO(OfflineAlgorithm):
@@ -47,10 +49,12 @@ class KTO(OfflineAlgorithm):
         self.beta = cfg.beta
         self.desirable_weight = float(cfg.desirable_weight)
         self.undesirable_weight = float(cfg.undesirable_weight)
+        self.loss_type = cfg.loss_type or "kto"
+        self.uses_kl = self.loss_type == "kto"  # apo_zero_unpaired has no reference point: no KL pairs to score
         self._graphdef = self._rest = None
 
     def setup(self, trainer) -> None:
-        if trainer.micro_batch < 2:
+        if self.uses_kl and trainer.micro_batch < 2:
             raise ConfigError(
                 "kto estimates its KL reference point from mismatched pairs inside a micro-batch, which needs "
                 f"at least 2 rows (got {trainer.micro_batch}); raise --per_device_train_batch_size"
@@ -72,13 +76,15 @@ class KTO(OfflineAlgorithm):
 
     def loss_fn(self, model, micro, totals, extra, rng):
         b = micro["input_ids"].shape[0]
-        logps, kl_logps, logit_sums = kto_forward(model, micro)
+        logps, kl_logps, logit_sums = kto_forward(model, micro, kl_pairs=self.uses_kl)
         ref_model = nnx.merge(self._graphdef, extra, self._rest)
-        ref_logps, ref_kl_logps, _ = jax.lax.stop_gradient(kto_forward(ref_model, micro, mean_logits=False))
-        kl = kto_kl(kl_logps, ref_kl_logps)
+        ref_logps, ref_kl_logps, _ = jax.lax.stop_gradient(
+            kto_forward(ref_model, micro, mean_logits=False, kl_pairs=self.uses_kl))
+        kl = kto_kl(kl_logps, ref_kl_logps) if self.uses_kl else jnp.zeros((), jnp.float32)  # TRL logs 0
         losses, rewards, _ = kto_loss(
             logps, logps, ref_logps, ref_logps, kl, beta=self.beta,
             desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+            loss_type=self.loss_type,
         )
         good = micro["label"].astype(bool)
         g = good.astype(jnp.float32)
