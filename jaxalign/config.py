@@ -136,6 +136,8 @@ OPTIONS: dict[str, Option] = {
     "epsilon": Option(0.2, float, "lower clip range of the ratio", None, _RLHF),
     "epsilon_high": Option(None, float, "upper clip range (default: epsilon; DAPO uses 0.28)", None, _RLHF),
     "delta": Option(None, float, "upper bound on the ratio (two-sided GRPO)", None, _RLHF),
+    "tau_pos": Option(1.0, float, "SAPO: gate temperature of tokens with a positive advantage", None, _RLHF),
+    "tau_neg": Option(1.05, float, "SAPO: gate temperature of the other tokens", None, _RLHF),
     "importance_sampling_level": Option(
         "token", str, "token (GRPO) or sequence (GSPO) ratios", ("token", "sequence", "sequence_token"), _RLHF
     ),
@@ -338,6 +340,8 @@ RANGES: dict[str, Range] = {
     "epsilon": NON_NEGATIVE,
     "epsilon_high": NON_NEGATIVE,
     "delta": POSITIVE,
+    "tau_pos": POSITIVE,
+    "tau_neg": POSITIVE,
     "num_iterations": AT_LEAST_ONE,
     "steps_per_generation": AT_LEAST_ONE,
     "max_resample_times": NON_NEGATIVE,

@@ -74,18 +74,22 @@ def test_group_advantages_errors():
 
 # ---------------------------------------------------------------- GRPO loss reference
 def ref_grpo(logps, old, ref, adv, mask, *, beta=0.04, eps=0.2, eps_high=None, delta=None,
-             loss_type="grpo", level="token", max_len=None, frozen=None):
+             loss_type="grpo", level="token", max_len=None, frozen=None, tau_pos=1.0, tau_neg=1.05, ratio_logps=None):
     """Plain-Python GRPO loss and metrics. ``frozen`` = (seq_log_ratio per row, logps) held
-    constant, to express GSPO-token's stop-gradients for finite differences."""
+    constant, to express GSPO-token's stop-gradients for finite differences; ``ratio_logps`` the
+    log-probs CISPO's stop-gradient ratio is taken at (default ``logps``)."""
     B, T = len(mask), len(mask[0])
     eh = eps if eps_high is None else eps_high
     per_tok = [[0.0] * T for _ in range(B)]
     kl = [[0.0] * T for _ in range(B)]
     low = [[0.0] * T for _ in range(B)]
     high = [[0.0] * T for _ in range(B)]
+    cispo_clipped = [[0.0] * T for _ in range(B)]
+    rl = logps if ratio_logps is None else ratio_logps
     for b in range(B):
         n = sum(mask[b])
         seq = sum(mask[b][t] * (logps[b][t] - old[b][t]) for t in range(T)) / max(n, 1.0)
+        seq0 = sum(mask[b][t] * (rl[b][t] - old[b][t]) for t in range(T)) / max(n, 1.0)
         a = adv[b]
         for t in range(T):
             if level == "token":
@@ -100,6 +104,13 @@ def ref_grpo(logps, old, ref, adv, mask, *, beta=0.04, eps=0.2, eps_high=None, d
             if delta is not None:
                 c1 = min(c1, delta)
             per_tok[b][t] = -min(c1 * a, c2 * a)
+            if loss_type == "cispo":  # the ratio, clipped at eps_high, is a constant weight on A logp
+                rho0 = math.exp(rl[b][t] - old[b][t] if level == "token" else seq0)
+                per_tok[b][t] = -min(rho0, eh) * a * logps[b][t]
+                cispo_clipped[b][t] = 1.0 if (rho0 > eh and a > 0) else 0.0
+            elif loss_type == "sapo":  # soft gate sigmoid(tau (rho - 1)) 4 / tau instead of the clip
+                tau = tau_pos if a > 0 else tau_neg
+                per_tok[b][t] = -(1.0 / (1.0 + math.exp(-tau * (math.exp(w) - 1.0)))) * 4.0 / tau * a
             if ref is not None:
                 d = min(max(ref[b][t] - logps[b][t], -20.0), 20.0)
                 kl[b][t] = min(max(math.exp(d) - d - 1, -10.0), 10.0)
@@ -108,9 +119,9 @@ def ref_grpo(logps, old, ref, adv, mask, *, beta=0.04, eps=0.2, eps_high=None, d
             high[b][t] = 1.0 if (c1 > 1 + eh and a > 0) else 0.0
     total = sum(mask[b][t] for b in range(B) for t in range(T))
     msum = sum(per_tok[b][t] * mask[b][t] for b in range(B) for t in range(T))
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = sum(sum(per_tok[b][t] * mask[b][t] for t in range(T)) / max(sum(mask[b]), 1.0) for b in range(B)) / B
-    elif loss_type in ("bnpo", "dapo"):
+    elif loss_type in ("bnpo", "dapo", "cispo"):
         loss = msum / max(total, 1.0)
     else:
         loss = msum / (B * (T if max_len is None else max_len))
@@ -121,6 +132,10 @@ def ref_grpo(logps, old, ref, adv, mask, *, beta=0.04, eps=0.2, eps_high=None, d
     region = [[max(low[b][t], high[b][t]) for t in range(T)] for b in range(B)]
     metrics = {"kl": tmean(kl), "clip_ratio/low_mean": tmean(low),
                "clip_ratio/high_mean": tmean(high), "clip_ratio/region_mean": tmean(region)}
+    if loss_type == "cispo":
+        metrics = {"kl": tmean(kl), "cispo_clip_ratio": tmean(cispo_clipped)}
+    elif loss_type == "sapo":
+        metrics = {"kl": tmean(kl)}
     return loss, metrics
 
 
@@ -166,6 +181,11 @@ CONFIGS = [
     dict(loss_type="grpo", level="sequence", eps=3e-4, eps_high=4e-4, beta=0.0),
     dict(loss_type="bnpo", level="sequence", eps=0.2),
     dict(loss_type="grpo", level="sequence_token", eps=0.2, eps_high=0.3),
+    dict(loss_type="cispo", eps_high=5.0),
+    dict(loss_type="cispo", beta=0.0),  # epsilon_high defaults to epsilon, as in TRL and ms-swift
+    dict(loss_type="cispo", level="sequence", eps_high=1.1),
+    dict(loss_type="sapo"),
+    dict(loss_type="sapo", beta=0.0, tau_pos=0.5, tau_neg=2.0),
 ]
 
 
@@ -175,6 +195,7 @@ def call(logps, old, ref, adv, mask, c):
         beta=c.get("beta", 0.04), epsilon=c.get("eps", 0.2), epsilon_high=c.get("eps_high"),
         delta=c.get("delta"), loss_type=c["loss_type"],
         importance_sampling_level=c.get("level", "token"), max_completion_length=c.get("max_len"),
+        tau_pos=c.get("tau_pos", 1.0), tau_neg=c.get("tau_neg", 1.05),
     )
 
 
@@ -187,10 +208,10 @@ def test_grpo_loss_value_metrics_and_grad(cfg):
     assert loss.shape == () and loss.dtype == jnp.float64
     kw = dict(beta=cfg.get("beta", 0.04), eps=cfg.get("eps", 0.2), eps_high=cfg.get("eps_high"),
               delta=cfg.get("delta"), loss_type=cfg["loss_type"], level=cfg.get("level", "token"),
-              max_len=cfg.get("max_len"))
+              max_len=cfg.get("max_len"), tau_pos=cfg.get("tau_pos", 1.0), tau_neg=cfg.get("tau_neg", 1.05))
     eloss, emetrics = ref_grpo(logps, old, ref_arg, adv, MASK, **kw)
     assert float(loss) == pytest.approx(eloss, rel=1e-10, abs=1e-14)
-    assert set(metrics) == {"kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}
+    assert set(metrics) == set(emetrics)
     for k, v in emetrics.items():
         assert float(metrics[k]) == pytest.approx(v, rel=1e-10, abs=1e-14), k
 
@@ -201,6 +222,8 @@ def test_grpo_loss_value_metrics_and_grad(cfg):
     if kw["level"] == "sequence_token":
         seq = [sum(MASK[b][t] * (logps[b][t] - old[b][t]) for t in range(6)) / max(MASK[b].sum(), 1.0) for b in range(5)]
         frozen = (seq, logps.copy())
+    if cfg["loss_type"] == "cispo":
+        kw["ratio_logps"] = logps.copy()
     h = 1e-6
     for b in range(5):
         for t in range(6):

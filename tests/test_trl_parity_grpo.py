@@ -33,10 +33,15 @@ COMPLETIONS = {  # per prompt, G replies; "<E>" is the end-of-turn token; the la
 # ms-swift's (and jaxalign's) reward_std is the mean within-group standard deviation; TRL 1.16 logs the
 # standard deviation over the whole batch (README, "Where jaxalign differs").
 NOT_COMPARED = {"reward_std"}
-EXPECTED = {"loss", "grad_norm", "learning_rate", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean",
-            "clip_ratio/region_mean", "reward", "frac_reward_zero_std", "rewards/parity_reward/mean",
-            "rewards/parity_reward/std", "completions/mean_length", "completions/min_length",
-            "completions/max_length", "completions/clipped_ratio"}
+EXPECTED = {"loss", "grad_norm", "learning_rate", "kl", "entropy", "reward", "frac_reward_zero_std",
+            "rewards/parity_reward/mean", "rewards/parity_reward/std", "completions/mean_length",
+            "completions/min_length", "completions/max_length", "completions/clipped_ratio"}
+# loss type -> (jaxalign options, TRL's, the loss type's own metrics)
+LOSSES = {
+    "grpo": ({}, {}, {"clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"}),
+    "cispo": ({"epsilon_high": 5.0}, {"epsilon_high": 5.0}, {"cispo_clip_ratio"}),
+    "sapo": ({"tau_pos": 0.9, "tau_neg": 1.2}, {"sapo_temperature_pos": 0.9, "sapo_temperature_neg": 1.2}, set()),
+}
 
 
 def parity_reward(completions, **kwargs):
@@ -79,14 +84,15 @@ def policy_logps(folder, prompt_ids: list[int], completion: list[int]) -> np.nda
     return logp.numpy()
 
 
-def jaxalign_step(world):
+def jaxalign_step(world, loss_type):
     root = world["root"]
     rows = [{"messages": [{"role": "user", "content": p}]} for p in PROMPTS]
-    cfg = config(world["policy"], write_jsonl(root / "prompts.jsonl", rows), root / "out", rlhf_type="grpo",
+    cfg = config(world["policy"], write_jsonl(root / "prompts.jsonl", rows), root / f"out_{loss_type}", rlhf_type="grpo",
                  ref_model=str(world["ref"]), reward_funcs="parity_reward", num_generations=G,
                  per_device_train_batch_size=G * len(PROMPTS), gradient_accumulation_steps=1, max_steps=1,
                  max_completion_length=COMPLETION_BUDGET, temperature=TEMPERATURE, beta=BETA, epsilon=0.2,
-                 loss_type="grpo", scale_rewards="group", learning_rate=1e-3, save_hf=False, seed=0)
+                 loss_type=loss_type, scale_rewards="group", learning_rate=1e-3, save_hf=False, seed=0,
+                 **LOSSES[loss_type][0])
     tr = build_trainer(cfg, quiet=True)
     seen = {}
 
@@ -122,13 +128,14 @@ def jaxalign_step(world):
     return metrics, seen, advantages
 
 
-def trl_step(world):
+def trl_step(world, loss_type):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    args = trl.training_args(world["root"] / "trl", G * len(PROMPTS), learning_rate=1e-3, max_length=None)
+    args = trl.training_args(world["root"] / f"trl_{loss_type}", G * len(PROMPTS), learning_rate=1e-3, max_length=None)
     cfg = trl._config(GRPOConfig, **args, num_generations=G, max_completion_length=COMPLETION_BUDGET,
-                      temperature=TEMPERATURE, beta=BETA, epsilon=0.2, loss_type="grpo", scale_rewards="group",
+                      temperature=TEMPERATURE, beta=BETA, epsilon=0.2, loss_type=loss_type, scale_rewards="group",
+                      **LOSSES[loss_type][1],
                       shuffle_dataset=False, log_completions=False,
                       # TRL 1.16 multiplies the KL by the (detached-valued) importance ratio by default, which
                       # changes its gradient, not its value; ms-swift and jaxalign add the plain k3 KL (README)
@@ -169,9 +176,10 @@ def trl_step(world):
     return metrics, seen, advantages
 
 
-def test_grpo_step_on_fixed_rollouts_matches_trl(world):
-    ours, our_prompts, our_adv = jaxalign_step(world)
-    theirs, their_prompts, their_adv = trl_step(world)
+@pytest.mark.parametrize("loss_type", list(LOSSES))
+def test_grpo_step_on_fixed_rollouts_matches_trl(world, loss_type):
+    ours, our_prompts, our_adv = jaxalign_step(world, loss_type)
+    theirs, their_prompts, their_adv = trl_step(world, loss_type)
     assert our_prompts == their_prompts  # the same prompt token ids on both sides
     # group advantages from each side's own reward scores: one per completion text (all distinct)
     assert len(their_adv) == G * len(PROMPTS) and len(our_adv) == G * len(PROMPTS)
@@ -180,9 +188,12 @@ def test_grpo_step_on_fixed_rollouts_matches_trl(world):
     worst_adv = max(abs(a - their_adv[t]) / max(abs(their_adv[t]), ATOL / RTOL) for (_, t), a in our_adv.items())
     print(f"\ngrpo advantages: worst relative gap {worst_adv:.1e}")
     compared = set(ours) & set(theirs) - NOT_COMPARED
-    assert EXPECTED <= compared, f"not compared: {sorted(EXPECTED - compared)}"
+    expected = EXPECTED | LOSSES[loss_type][2]
+    assert expected <= compared, f"not compared: {sorted(expected - compared)}"
     gaps = {k: abs(ours[k] - theirs[k]) / max(abs(theirs[k]), ATOL / RTOL) for k in compared}
-    print("\ngrpo: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(gaps.items())))
+    print(f"\n{loss_type}: " + ", ".join(f"{k} {v:.1e}" for k, v in sorted(gaps.items())))
+    print(f"{loss_type}: loss {ours['loss']!r} / {theirs['loss']!r}, "
+          f"grad_norm {ours['grad_norm']!r} / {theirs['grad_norm']!r}")
     for name in sorted(compared):
         assert math.isclose(ours[name], theirs[name], rel_tol=RTOL, abs_tol=ATOL), (
             f"{name}: jaxalign {ours[name]!r}, TRL {theirs[name]!r}")

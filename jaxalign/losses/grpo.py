@@ -27,9 +27,12 @@ __all__ = [
 ]
 
 SCALE_REWARDS = ("group", "batch", "none")
-GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 # Loss types normalised by the token count of the whole batch; the others by its rows.
-TOKEN_NORMALISED = frozenset({"bnpo", "dapo"})
+TOKEN_NORMALISED = frozenset({"bnpo", "dapo", "cispo"})
+# SAPO's ratio is capped at exp(this) before its sigmoid gate: the gate is 1 and its gradient 0 long before, and
+# an unbounded exp would make that gradient 0 * inf.
+SAPO_LOG_RATIO_CAP = 20.0
 
 
 def micro_batch_share(loss_type: str, micro_tokens, micro_rows, total_tokens, total_rows):
@@ -95,8 +98,10 @@ def grpo_loss(
     loss_type: str = "grpo",
     importance_sampling_level: str = "token",
     max_completion_length=None,
+    tau_pos: float = 1.0,
+    tau_neg: float = 1.05,
 ):
-    """GRPO clipped-surrogate loss (Shao et al. 2024) with DAPO/GSPO/Dr. GRPO options.
+    """GRPO clipped-surrogate loss (Shao et al. 2024) with DAPO/GSPO/Dr. GRPO/CISPO/SAPO options.
 
     Per token: ``rho = exp(w)`` with ``w = logp - old_logp`` (``token``), the length-normalised
     sequence log-ratio ``sum(mask * w) / max(sum(mask), 1)`` broadcast over the row (GSPO
@@ -109,13 +114,18 @@ def grpo_loss(
     token sum / token count; ``dr_grpo`` token sum / (B * max_completion_length) (T when None);
     ``dapo`` token sum / global token count, which inside one jit (single process, or a sharded
     global batch) is the same count as ``bnpo``.
+    ``cispo`` (MiniMax-M1, as TRL and ms-swift): ``L_t = -sg(min(rho, eps_high)) A logp`` (the ratio clipped, not
+    the update; ScaleRL recommends ``epsilon_high`` 5), aggregated as ``dapo``, metric ``cispo_clip_ratio``
+    (``rho > eps_high`` and ``A > 0``). ``sapo`` (Soft Adaptive Policy Optimization): ``L_t = -g A`` with the soft
+    gate ``g = sigmoid(tau (rho - 1)) 4 / tau``, ``tau = tau_pos`` where ``A > 0`` else ``tau_neg``, aggregated as
+    ``grpo``, no clip metrics.
 
     ``old_logps`` may be None (on-policy: ``stop_gradient(logps)``); ``ref_logps`` may be None
     when ``beta == 0``. ``advantages`` is ``[B]`` (or per-token ``[B, T]``). Returns
     ``(loss, metrics)``; ``metrics`` (stop-gradient scalars) holds ``kl`` (masked token mean of
     ``KL_t``; 0 when ``ref_logps`` is None), ``clip_ratio/low_mean`` (``rho < 1-eps`` and
     ``A < 0``), ``clip_ratio/high_mean`` (``rho > 1+eps_high`` and ``A > 0``) and
-    ``clip_ratio/region_mean`` (either), each averaged over the masked tokens.
+    ``clip_ratio/region_mean`` (either), each averaged over the masked tokens (the clipped loss types).
     """
     if loss_type not in GRPO_LOSS_TYPES:
         raise ConfigError(
@@ -134,6 +144,8 @@ def grpo_loss(
         _check_hparam("delta", delta, low=0.0, low_open=True)
     if max_completion_length is not None:
         _check_hparam("max_completion_length", max_completion_length, low=0, low_open=True)
+    _check_hparam("tau_pos", tau_pos, low=0.0, low_open=True)
+    _check_hparam("tau_neg", tau_neg, low=0.0, low_open=True)
     if beta != 0 and ref_logps is None:
         raise ConfigError("grpo_loss needs ref_logps when beta != 0 (set beta 0 to train without a reference)")
     logps = jnp.asarray(logps)
@@ -167,7 +179,15 @@ def grpo_loss(
     # -min(c1 A, c2 A) = -A * min(c1, c2) for A >= 0 and -A * max(c1, c2) for A < 0 (A == 0 takes
     # the bounded side, so a huge ratio times a zero advantage is 0, not NaN).
     log_sel = jnp.where(adv >= 0, jnp.minimum(log_c1, log_c2), jnp.maximum(log_c1, log_c2))
-    per_token = -adv * jnp.exp(log_sel)
+    if loss_type == "cispo":
+        clipped_ratio = jax.lax.stop_gradient(jnp.minimum(jnp.exp(log_w), eps_high))
+        per_token = -clipped_ratio * adv * logps
+    elif loss_type == "sapo":
+        tau = jnp.where(adv > 0, tau_pos, tau_neg).astype(dtype)
+        rho = jnp.exp(jnp.minimum(log_w, SAPO_LOG_RATIO_CAP))
+        per_token = -jax.nn.sigmoid(tau * (rho - 1.0)) * 4.0 / tau * adv
+    else:
+        per_token = -adv * jnp.exp(log_sel)
 
     if ref_logps is not None:
         ref_logps = jax.lax.stop_gradient(jnp.asarray(ref_logps).astype(dtype))
@@ -180,7 +200,7 @@ def grpo_loss(
 
     total_tokens = jnp.sum(mask)
     masked_sum = jnp.sum(per_token * mask)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = jnp.mean(jnp.sum(per_token * mask, axis=1) / jnp.maximum(token_count, 1.0))
     elif loss_type in TOKEN_NORMALISED:
         loss = masked_sum / jnp.maximum(total_tokens, 1.0)
@@ -191,14 +211,15 @@ def grpo_loss(
     def tmean(x):
         return jax.lax.stop_gradient(jnp.sum(x * mask) / jnp.maximum(total_tokens, 1.0))
 
-    coef_1 = jnp.exp(jax.lax.stop_gradient(log_c1))
-    low = ((coef_1 < 1.0 - eps_low) & (adv < 0)).astype(dtype)
-    high = ((coef_1 > 1.0 + eps_high) & (adv > 0)).astype(dtype)
-    region = jnp.maximum(low, high)
-    metrics = {
-        "kl": tmean(per_token_kl) if per_token_kl is not None else jnp.zeros((), dtype),
-        "clip_ratio/low_mean": tmean(low),
-        "clip_ratio/high_mean": tmean(high),
-        "clip_ratio/region_mean": tmean(region),
-    }
+    metrics = {"kl": tmean(per_token_kl) if per_token_kl is not None else jnp.zeros((), dtype)}
+    if loss_type == "cispo":
+        rho = jnp.exp(jax.lax.stop_gradient(log_w))
+        metrics["cispo_clip_ratio"] = tmean(((rho > eps_high) & (adv > 0)).astype(dtype))
+    elif loss_type != "sapo":
+        coef_1 = jnp.exp(jax.lax.stop_gradient(log_c1))
+        low = ((coef_1 < 1.0 - eps_low) & (adv < 0)).astype(dtype)
+        high = ((coef_1 > 1.0 + eps_high) & (adv > 0)).astype(dtype)
+        metrics["clip_ratio/low_mean"] = tmean(low)
+        metrics["clip_ratio/high_mean"] = tmean(high)
+        metrics["clip_ratio/region_mean"] = tmean(jnp.maximum(low, high))
     return loss, metrics

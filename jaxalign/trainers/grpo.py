@@ -117,7 +117,7 @@ class GRPO(RolloutAlgorithm):
             beta=cfg.beta, epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, delta=cfg.delta,
             loss_type=cfg.loss_type or "grpo", importance_sampling_level=cfg.importance_sampling_level,
             max_completion_length=cfg.max_completion_length, temperature=cfg.temperature,
-            graphdef=trainer.graphdef, rest=trainer.rest,
+            tau_pos=cfg.tau_pos, tau_neg=cfg.tau_neg, graphdef=trainer.graphdef, rest=trainer.rest,
         )
         if cfg.beta > 0:
             self.freeze_start_as_reference(trainer)

@@ -46,6 +46,8 @@ class GRPOUpdate:
     importance_sampling_level: str
     max_completion_length: int
     temperature: float
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
     graphdef: object = None
     rest: object = None
     ref_params: object = None
@@ -73,7 +75,7 @@ class GRPOUpdate:
             lp, micro["old_logps"], ref_lp, micro["advantages"], mask,
             beta=self.beta, epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta,
             loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
-            max_completion_length=self.max_completion_length,
+            max_completion_length=self.max_completion_length, tau_pos=self.tau_pos, tau_neg=self.tau_neg,
         )
         weight = micro_batch_share(self.loss_type, jnp.maximum(jnp.sum(mask), 1.0), mask.shape[0],
                                    totals["tokens"], totals["rows"])
