@@ -141,7 +141,8 @@ OPTIONS: dict[str, Option] = {
     "importance_sampling_level": Option(
         "token", str, "token (GRPO) or sequence (GSPO) ratios", ("token", "sequence", "sequence_token"), _RLHF
     ),
-    "scale_rewards": Option("group", str, "advantage scaling", ("group", "batch", "none"), _RLHF),
+    "scale_rewards": Option("group", str, "advantage scaling (gdpo: each reward function normalised in its group, "
+                            "the weighted sum over the batch)", ("group", "batch", "none", "gdpo"), _RLHF),
     "num_iterations": Option(1, int, "optimisation passes over each generation (mu)", None, _RLHF),
     "steps_per_generation": Option(None, int, "micro-batches per generation (default: gradient_accumulation_steps)", None, _RLHF),
     "dynamic_sample": Option(False, bool, "DAPO: resample groups whose rewards all agree", None, _RLHF),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxalign.errors import ConfigError, JaxalignError
-from jaxalign.losses import group_advantages, grpo_loss
+from jaxalign.losses import gdpo_advantages, group_advantages, grpo_loss
 
 
 pytestmark = pytest.mark.usefixtures("x64")  # every test here computes in float64
@@ -70,6 +70,34 @@ def test_group_advantages_errors():
         group_advantages(jnp.zeros(4), num_generations=2, scale_rewards="gdpo_typo")
     # a single completion per prompt has no spread: its centred advantage is 0, not NaN
     np.testing.assert_array_equal(np.asarray(group_advantages(jnp.arange(3.0), num_generations=1)), 0.0)
+
+
+def test_gdpo_advantages_by_hand():
+    nan = float("nan")
+    # 2 groups of 3, 2 functions; the second function declines one row (NaN) and is flat in group 2
+    r = [[1.0, 0.0], [3.0, 2.0], [2.0, nan], [0.5, 1.0], [0.0, 1.0], [2.5, 1.0]]
+    w = [1.0, 0.5]
+
+    def normalised(col, rows):
+        vals = [r[i][col] for i in rows if not math.isnan(r[i][col])]
+        m = sum(vals) / len(vals)
+        sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1))
+        return [0.0 if math.isnan(r[i][col]) else (r[i][col] - m) / (sd + 1e-8) for i in rows]
+
+    summed = [0.0] * 6
+    for rows in ([0, 1, 2], [3, 4, 5]):
+        for col in (0, 1):
+            for i, v in zip(rows, normalised(col, rows)):
+                summed[i] += w[col] * v
+    mean = sum(summed) / 6
+    sd = math.sqrt(sum((x - mean) ** 2 for x in summed) / 5)
+    expected = [(x - mean) / (sd + 1e-8) for x in summed]
+    out = gdpo_advantages(jnp.asarray(r), w, num_generations=3)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match="one column per weight"):
+        gdpo_advantages(jnp.zeros((6, 3)), w, num_generations=3)
+    with pytest.raises(ConfigError, match="num_generations=4"):
+        gdpo_advantages(jnp.zeros((6, 2)), w, num_generations=4)
 
 
 # ---------------------------------------------------------------- GRPO loss reference

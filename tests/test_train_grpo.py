@@ -368,6 +368,23 @@ def test_dynamic_sample_replaces_flat_groups(env):
         assert (flat["input_ids"][i, :p] == prompt_batch["prompt_input_ids"][i // G]).all()
 
 
+def test_gdpo_normalises_each_reward_function_in_its_group(env):
+    trainer = build(env, reward_funcs="test_charsum test_half_flat", reward_weights="1.0 0.5", scale_rewards="gdpo")
+    _, metrics, samples = trainer.algo.generation_batch_arrays(trainer, next(trainer.batches))
+    per_func = np.array([[s["test_charsum"], s["test_half_flat"]] for s in samples], np.float64)
+    # by hand: each function (r - group mean) / (unbiased group std + 1e-8), 0 for a flat group; the weighted sum
+    # (s - batch mean) / (unbiased batch std + 1e-8)
+    groups = per_func.reshape(PROMPTS, G, 2)
+    std = groups.std(1, ddof=1, keepdims=True)
+    normalised = np.where(std > 0, (groups - groups.mean(1, keepdims=True)) / (std + 1e-8), 0.0).reshape(-1, 2)
+    summed = normalised @ np.array([1.0, 0.5])
+    expected = (summed - summed.mean()) / (summed.std(ddof=1) + 1e-8)
+    assert (std == 0).any() and (std > 0).any()  # a flat group of test_half_flat and informative ones
+    np.testing.assert_allclose([s["advantage"] for s in samples], expected, rtol=1e-5, atol=1e-5)
+    rewards = per_func @ np.array([1.0, 0.5])
+    assert metrics["reward_std"] == pytest.approx(np.mean(rewards.reshape(PROMPTS, G).std(1, ddof=1)), rel=1e-5)
+
+
 # ----- the command line ----------------------------------------------------------------------------------------
 def cli_args(env, out, *extra):
     return ["rlhf", "--rlhf_type", "grpo", "--model", str(env["model"]), "--dataset", str(env["data"]),

@@ -1,6 +1,6 @@
 """Pure loss functions of arrays for every alignment algorithm (no model, no optimizer)."""
 
-from jaxalign.losses.grpo import group_advantages, grpo_loss
+from jaxalign.losses.grpo import gdpo_advantages, group_advantages, grpo_loss
 from jaxalign.losses.ppo import (
     compute_gae,
     kl_penalty_rewards,
@@ -29,6 +29,7 @@ __all__ = [
     "cpo_loss",
     "dpo_loss",
     "group_advantages",
+    "gdpo_advantages",
     "grpo_loss",
     "kl_penalty_rewards",
     "kto_kl",

@@ -23,10 +23,12 @@ __all__ = [
     "IMPORTANCE_SAMPLING_LEVELS",
     "ADVANTAGE_EPS",
     "group_advantages",
+    "gdpo_advantages",
     "grpo_loss",
 ]
 
-SCALE_REWARDS = ("group", "batch", "none")
+SCALE_REWARDS = ("group", "batch", "none")  # gdpo: per reward function, see gdpo_advantages
+GDPO_EPS = 1e-8  # ms-swift's, in both of GDPO's divisions
 GRPO_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 # Loss types normalised by the token count of the whole batch; the others by its rows.
 TOKEN_NORMALISED = frozenset({"bnpo", "dapo", "cispo"})
@@ -82,6 +84,26 @@ def group_advantages(rewards, *, num_generations: int, scale_rewards: str = "gro
     if scale_rewards == "batch":
         return centred / (_unbiased_std(rewards) + ADVANTAGE_EPS)
     return centred
+
+
+def gdpo_advantages(rewards_per_func, weights, *, num_generations: int):
+    """GDPO advantages (ms-swift's ``--scale_rewards gdpo``): each reward function's rewards normalised within
+    their group, ``(r_k - mean_G) / (std_G + 1e-8)`` (unbiased std; NaN rewards, of a function that declined a
+    row, are left out of the group's statistics and count 0), summed with ``weights``, and the sum normalised
+    over the batch, ``(s - mean) / (std + 1e-8)``. ``rewards_per_func`` is ``[N, F]`` in groups of
+    ``num_generations`` consecutive rows; returns ``[N]``."""
+    r = jnp.asarray(rewards_per_func)
+    if r.ndim != 2 or r.shape[1] != len(weights):
+        raise ConfigError(f"gdpo_advantages expects rewards [N, {len(weights)}] (one column per weight), got {r.shape}")
+    n, g = r.shape[0], int(num_generations)
+    if g < 1 or n % g != 0:
+        raise ConfigError(f"the batch of {n} completions is not divisible by num_generations={num_generations}")
+    grouped = r.reshape(n // g, g, -1)
+    mean = jnp.nanmean(grouped, axis=1, keepdims=True)
+    std = jnp.nanstd(grouped, axis=1, keepdims=True, ddof=1) if g > 1 else jnp.full_like(mean, jnp.nan)
+    normalised = jnp.nan_to_num((grouped - mean) / (std + GDPO_EPS), nan=0.0).reshape(n, -1)
+    summed = normalised @ jnp.asarray(weights, normalised.dtype)
+    return (summed - jnp.mean(summed)) / (_unbiased_std(summed) + GDPO_EPS)
 
 
 def grpo_loss(

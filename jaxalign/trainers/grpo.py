@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.errors import ConfigError
-from jaxalign.losses import group_advantages
+from jaxalign.losses import gdpo_advantages, group_advantages
 from jaxalign.rewards import build_reward_funcs, split_names
 from jaxalign.rewards.host_scoring import score_on_hosts
 from jaxalign.rewards.model_reward import RewardModelReward
@@ -217,7 +217,12 @@ class GRPO(RolloutAlgorithm):
                 groups = total.reshape(-1, self.G)
         gen_time = time.time() - t0
         roll = self.cut_completions(roll)
-        adv = np.asarray(group_advantages(jnp.asarray(total), num_generations=self.G, scale_rewards=cfg.scale_rewards))
+        if cfg.scale_rewards == "gdpo":
+            per_column = np.stack([per_func[name] for name in per_func], axis=1)
+            adv = np.asarray(gdpo_advantages(jnp.asarray(per_column), self.reward_weights, num_generations=self.G))
+        else:
+            adv = np.asarray(group_advantages(jnp.asarray(total), num_generations=self.G,
+                                              scale_rewards=cfg.scale_rewards))
         prompt_ids, prompt_mask = self.cut_prompts(prompt_batch["prompt_input_ids"], prompt_batch["prompt_attention_mask"])
         arrays = update_arrays(prompt_ids, prompt_mask, roll, adv, num_generations=self.G,
                                overlong_filter=cfg.overlong_filter, pack=self.pack)
