@@ -24,7 +24,7 @@ HP = dict(temperature=0.9, kl_coef=0.2, missing_eos_penalty=1.5, gamma=0.97, lam
           cliprange_value=0.05, vf_coef=0.1)
 TRL_KEYS = ("objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward",
             "objective/scores", "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg",
-            "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/num_eos_tokens", "lr", "episode")
+            "val/clipfrac_avg", "policy/entropy_avg", "val/ratio", "val/num_eos_tokens", "lr", "episode", "eps")
 
 
 def tiny_config(tok, vocab=None):
@@ -271,6 +271,9 @@ def test_logging_samples_and_export(run):
         assert not missing, missing
         assert all(np.isfinite(r[k]) for k in TRL_KEYS)
     assert [r["episode"] for r in rows] == [8, 16, 24]
+    # episodes per second (an int, as TRL): the episodes so far over at least this row's own rollout and update time
+    assert all(r["eps"] == int(r["eps"]) and 0 <= r["eps"] <= r["episode"] / (r["time/rollout_s"] + r["time/update_s"])
+               for r in rows)
     assert rows[-1]["lr"] == pytest.approx(3e-3)
     samples = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and {s["step"] for s in samples} == {1, 2, 3}

@@ -57,6 +57,7 @@ class PPO(RolloutAlgorithm):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.updates_done = 0
+        self._clock = None  # (time, updates done) when this process's first step began: for ``eps``
 
     # ----- set-up -------------------------------------------------------------------------
     def prepare_model(self, policy, mesh, tokenizer) -> PolicyAndValue:
@@ -143,6 +144,8 @@ class PPO(RolloutAlgorithm):
     def run_step(self, trainer) -> dict[str, float]:
         t0 = time.time()
         step = int(self.updates_done)
+        if self._clock is None:
+            self._clock = (t0, step)
         arrays, metrics = self.rollout(trainer, next(trainer.batches))
         t1 = time.time()
         per_step = self.ppo_epochs(trainer, arrays, step)
@@ -152,6 +155,10 @@ class PPO(RolloutAlgorithm):
         row["val/ratio_var"] = float(np.var([m["val/ratio"] for m in per_step]))
         row["lr"] = per_step[-1]["learning_rate"]
         row["episode"] = (step + 1) * self.rollout_batch
+        # TRL's episodes per second (an int, as TRL logs it), over this process's steps: a resumed run is not
+        # credited with the episodes before it
+        start, first = self._clock
+        row["eps"] = int((step + 1 - first) * self.rollout_batch / max(time.time() - start, 1e-9))
         row["time/rollout_s"], row["time/update_s"] = round(t1 - t0, 4), round(time.time() - t1, 4)
         return row
 
