@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ OPTIONS: dict[str, Option] = {
         "(default; ORPO's) or every token (all)", (None, "last_round", "default", "all"),
     ),
     "ignore_bad_rows": Option(False, bool, "skip malformed rows (counted) instead of stopping"),
+    "columns": Option(None, str, 'rename dataset columns: a JSON object {"source": "name read"}, as ms-swift\'s'),
     "length_buckets": Option(None, str, "padded lengths; default powers of two from 64 up to max_length",
                              multi=True),
     # Tuner (LoRA as PEFT and ms-swift name it)
@@ -225,6 +227,8 @@ def coerce(name: str, value: Any) -> Any:
     opt = OPTIONS[name]
     if opt.multi and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
+    if opt.type is str and isinstance(value, dict):  # a config file's mapping (--columns) as its JSON text
+        value = json.dumps(value)
     if value is None or (isinstance(value, str) and value.lower() == "none" and opt.default is None):
         return None
     try:
@@ -368,8 +372,11 @@ def check_ranges(cfg: ml_collections.ConfigDict) -> None:
 
 
 def _check(cfg: ml_collections.ConfigDict) -> None:
+    from jaxalign.data.formats import parse_columns
+
     check_ranges(cfg)
     _check_lora(cfg)
+    parse_columns(cfg.columns)
 
 
 def _check_lora(cfg: ml_collections.ConfigDict) -> None:

@@ -109,3 +109,17 @@ def test_ref_adapters_refused_where_no_reference_is_used(algorithm):
 
     with pytest.raises(ConfigError, match=f"--ref_adapters: {algorithm} uses no reference model; drop the flag"):
         resolve("rlhf", None, {"rlhf_type": algorithm, "tuner_type": "lora", "ref_adapters": "sft_lora"})
+
+
+def test_columns_option_as_ms_swift_takes_it():
+    from jaxalign.data.formats import parse_columns
+    from jaxalign.errors import ConfigError
+
+    cfg = resolve("sft", None, _flags("""sft --model m --dataset d.jsonl --columns '{"question": "query", "answer": "response"}'"""))
+    assert parse_columns(cfg.columns) == {"question": "query", "answer": "response"}
+    from_file = resolve("sft", {"columns": {"question": "query"}}, {})
+    assert parse_columns(from_file.columns) == {"question": "query"}
+    for bad, message in (("{question: query}", "not JSON"), ('["query"]', "must be a JSON object"),
+                         ('{"question": 1}', "must be a JSON object")):
+        with pytest.raises(ConfigError, match=f"^--columns .*{message}"):
+            resolve("sft", None, {"columns": bad})

@@ -153,3 +153,27 @@ def test_hosts_parse_and_validate_only_their_rows(tmp_path, monkeypatch):
     for e in errors:  # line 7 is host 1's row; both hosts raise for it
         assert isinstance(e, DataError) and str(e).startswith(f"{path} line 7: bad JSON"), e
         assert str(e).endswith("; fix the row or pass --ignore_bad_rows")
+
+
+def test_columns_renamed_on_one_host_and_on_several(tmp_path):
+    """--columns renames a dataset's columns before they are read, whether one host loads the rows or each its
+    shard; a bad row is still named by its line."""
+    import json
+
+    from jaxalign.data.prepare import load_examples
+
+    lines = [json.dumps({"q": f"{i}+{i}=", "a": str(2 * i), "id": i}) for i in range(6)]
+    lines[4] = "{not json"
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    columns = {"q": "query", "a": "response"}
+    one, bad = load_examples(str(path), "sft", ignore_bad_rows=True, columns=columns)
+    assert bad == 1 and [e.messages for e in one] == [conv(f"{i}+{i}=", str(2 * i)) for i in (0, 1, 2, 3, 5)]
+    assert [e.extras for e in one] == [{"id": i} for i in (0, 1, 2, 3, 5)]
+    results, errors = run_hosts(2, lambda i, n, g: load_examples(str(path), "sft", ignore_bad_rows=True,
+                                                                 shard=HostShard(i, n, g), columns=columns))
+    assert errors == [None, None]
+    for examples, n_bad in results:
+        assert n_bad == 1 and [e.messages for e in examples] == [e.messages for e in one]
+    none, all_bad = load_examples(str(path), "sft", ignore_bad_rows=True)  # unmapped: no messages, no query
+    assert len(none) == 0 and all_bad == 6

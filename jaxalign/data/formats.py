@@ -84,6 +84,24 @@ class BadRow(Exception):
     """Internal: a row problem, turned into a DataError with the row's place."""
 
 
+def parse_columns(value: str | dict | None) -> dict[str, str] | None:
+    """``--columns``: a JSON object renaming dataset columns, ``{"source name": "name jaxalign reads"}``
+    (ms-swift's ``--columns '{"question": "query", "answer": "response"}'``); None when not given."""
+    if value is None or value == "":
+        return None
+    mapping = value
+    if isinstance(value, str):
+        try:
+            mapping = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--columns {value!r}: not JSON ({e.msg}); pass an object such as "
+                              """'{"question": "query", "answer": "response"}'""") from None
+    if not isinstance(mapping, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()):
+        raise ConfigError(f"--columns {value!r}: must be a JSON object of column names to column names, such as "
+                          """'{"question": "query", "answer": "response"}'""")
+    return dict(mapping) or None
+
+
 def task_kind(task: str) -> str:
     """Map an ``--rlhf_type`` (or a kind) to one of :data:`TASK_KINDS`."""
     try:

@@ -9,6 +9,7 @@ from typing import Any
 from jaxalign.data.encode import EncodedExample, Encoder
 from jaxalign.data.formats import Example, normalize_rows
 from jaxalign.data.loading import load_dataset_rows, load_dataset_rows_lazily, split_rows
+from jaxalign.data.rows import RenamedRows
 from jaxalign.data.shards import EncodedRows, HostShard, encode_rows, normalize_on_hosts, this_host
 
 
@@ -22,15 +23,18 @@ class PreparedData:
 
 
 def load_examples(
-    spec: str, task: str, *, seed: int = 42, ignore_bad_rows: bool = False, shard: HostShard = HostShard()
+    spec: str, task: str, *, seed: int = 42, ignore_bad_rows: bool = False, shard: HostShard = HostShard(),
+    columns: dict[str, str] | None = None,
 ) -> tuple[Sequence[Example], int]:
-    """Load and validate ``spec`` for ``task``; returns (examples, number of bad rows skipped). On several hosts
-    each parses and validates only its ``shard`` of the rows (:func:`jaxalign.data.shards.normalize_on_hosts`)."""
+    """Load and validate ``spec`` for ``task`` with its columns renamed by ``columns`` (``--columns``); returns
+    (examples, number of bad rows skipped). On several hosts each parses and validates only its ``shard`` of the
+    rows (:func:`jaxalign.data.shards.normalize_on_hosts`)."""
     if shard.count > 1:
-        return normalize_on_hosts(load_dataset_rows_lazily(spec, seed=seed), task, shard,
+        rows = load_dataset_rows_lazily(spec, seed=seed)
+        return normalize_on_hosts(RenamedRows(rows, columns) if columns else rows, task, shard,
                                   ignore_bad_rows=ignore_bad_rows)
     rows = load_dataset_rows(spec, seed=seed, ignore_bad_rows=ignore_bad_rows)
-    return normalize_rows(rows, task, ignore_bad_rows=ignore_bad_rows)
+    return normalize_rows(RenamedRows(rows, columns) if columns else rows, task, ignore_bad_rows=ignore_bad_rows)
 
 
 def prepare_data(
@@ -48,6 +52,7 @@ def prepare_data(
     loss_scale: str = "last_round",
     ignore_bad_rows: bool = False,
     shard: HostShard | None = None,
+    columns: dict[str, str] | None = None,
 ) -> PreparedData:
     """Load, validate, split (``--split_dataset_ratio`` unless ``--val_dataset``) and encode.
 
@@ -66,10 +71,11 @@ def prepare_data(
         kind=task,
     )
     shard = this_host() if shard is None else shard
-    train_ex, bad = load_examples(dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows, shard=shard)
+    train_ex, bad = load_examples(dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows, shard=shard,
+                                  columns=columns)
     if val_dataset:
         val_ex, bad_val = load_examples(val_dataset, task, seed=data_seed, ignore_bad_rows=ignore_bad_rows,
-                                        shard=shard)
+                                        shard=shard, columns=columns)
         bad += bad_val
     else:
         train_ex, val_ex = split_rows(train_ex, split_dataset_ratio, data_seed)

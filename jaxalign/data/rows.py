@@ -42,3 +42,21 @@ class LazySequence(Sequence):
         if isinstance(i, slice):
             return [self.item(j) for j in range(*i.indices(len(self)))]
         return self.item(i)
+
+
+class RenamedRows(LazySequence):
+    """``rows`` with their columns renamed by ``columns`` (source name -> the name jaxalign reads, ms-swift's
+    ``--columns``), each row when it is read."""
+
+    def __init__(self, rows: Sequence[Row], columns: dict[str, str]):
+        self._rows, self._columns = rows, columns
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def item(self, i: int) -> Row:
+        row = self._rows[i]
+        if row.error is not None:
+            return row
+        data = {self._columns.get(k, k): v for k, v in row.data.items()}
+        return Row(data, row.source, row.line, row.is_jsonl, row.error)

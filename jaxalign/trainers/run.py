@@ -9,6 +9,7 @@ from jaxalign.algorithms import make_algorithm
 from jaxalign.config import check_required_inputs
 from jaxalign.convert.checkpoint_io import load_any_model, read_model_type
 from jaxalign.data import prepare_data
+from jaxalign.data.formats import parse_columns
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.parallel import initialize_distributed, run_mesh
@@ -24,6 +25,7 @@ def load_data(cfg, task: str, tokenizer, *, quiet: bool = False):
         cfg.dataset, task, tokenizer, val_dataset=cfg.val_dataset, split_dataset_ratio=cfg.split_dataset_ratio,
         data_seed=cfg.data_seed, template=cfg.template, model_type=read_model_type(cfg.model), max_length=cfg.max_length,
         truncation_strategy=cfg.truncation_strategy, loss_scale=cfg.loss_scale, ignore_bad_rows=cfg.ignore_bad_rows,
+        columns=parse_columns(cfg.columns),
     )
     if not quiet:
         say("jaxalign: data " + json.dumps(data.stats))
