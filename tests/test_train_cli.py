@@ -33,7 +33,7 @@ def sft(capsys, *args) -> tuple[int, str]:
 # Bad rows: each on line 3 of its file, after two good rows.
 BAD_ROWS = {
     "bad_json": ('{"messages": [{"role": "user", "content": "1+1="}', "bad JSON"),
-    "missing_messages": ({"conversation": [{"role": "user", "content": "1+1="}]}, 'missing "messages"'),
+    "missing_messages": ({"dialogue": [{"role": "user", "content": "1+1="}]}, 'missing "messages"'),
     "role_out_of_place": (
         {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
                       {"role": "assistant", "content": "c"}]},
