@@ -13,7 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
             # data
             max_length=2048,
             truncation_strategy="delete",
-            loss_scale="last_round",
+            loss_scale="default",
             split_dataset_ratio=0.0,
             # optimisation (ms-swift: 1e-5 for full fine-tuning, 1e-4 for LoRA)
             learning_rate=1e-5,

@@ -49,8 +49,8 @@ OPTIONS: dict[str, Option] = {
     "template": Option(None, str, "chat template: the tokenizer's own (default; Gemma's when a Gemma model's "
                        "tokenizer has none), 'plain' or 'gemma'", (None, "plain", "gemma")),
     "loss_scale": Option(
-        None, str, "trained tokens: the last reply (last_round; ms-swift's default but for ORPO), every reply "
-        "(default; ORPO's) or every token (all)", (None, "last_round", "default", "all"),
+        None, str, "trained tokens: every reply (default; as ms-swift, SFT's and ORPO's default), the last reply "
+        "(last_round; the other algorithms' default) or every token (all)", (None, "last_round", "default", "all"),
     ),
     "ignore_bad_rows": Option(False, bool, "skip malformed rows (counted) instead of stopping"),
     "columns": Option(None, str, 'rename dataset columns: a JSON object {"source": "name read"}, as ms-swift\'s'),
@@ -227,8 +227,8 @@ def coerce(name: str, value: Any) -> Any:
     opt = OPTIONS[name]
     if opt.multi and isinstance(value, (list, tuple)):
         value = ",".join(str(v) for v in value)
-    if opt.type is str and isinstance(value, dict):  # a config file's mapping (--columns) as its JSON text
-        value = json.dumps(value)
+    if opt.type is str and isinstance(value, (dict, ml_collections.ConfigDict)):  # a config file's mapping
+        value = json.dumps(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)  # (--columns)
     if value is None or (isinstance(value, str) and value.lower() == "none" and opt.default is None):
         return None
     try:
@@ -262,8 +262,8 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
         cfg.per_device_train_batch_size = default_batch_size(spec, cfg)
     if "beta" in cfg and cfg.beta is None:
         cfg.beta = spec.default_beta
-    if cfg.loss_scale is None:  # ms-swift: ORPO trains every reply of a text conversation, the rest the last
-        cfg.loss_scale = "default" if spec.name == "orpo" else "last_round"
+    if cfg.loss_scale is None:  # ms-swift: SFT and ORPO train every reply of a text conversation, the rest the last
+        cfg.loss_scale = "default" if spec.name in ("sft", "orpo") else "last_round"
     if cfg.learning_rate is None:
         cfg.learning_rate = 1e-4 if cfg.tuner_type == "lora" else 1e-5
     _check(cfg)
@@ -436,6 +436,11 @@ def check_algorithm_options(spec, cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"--ref_model: {name} uses no reference model; drop the flag")
     if cfg.get("ref_adapters") and spec.reference == "none":
         raise ConfigError(f"--ref_adapters: {name} uses no reference model; drop the flag")
+    for flag in ("ref_model", "ref_adapters"):  # a reference this run would not load
+        if cfg.get(flag) and spec.reference == "beta" and cfg.beta == 0:
+            raise ConfigError(f"--{flag}: {name} with --beta 0 uses no reference model; drop the flag or raise --beta")
+        if cfg.get(flag) and spec.reference == "policy" and cfg.get("reference_free"):
+            raise ConfigError(f"--{flag}: --reference_free true uses no reference model; drop one of the two")
     if spec.data_kind == "pair" and name != "rm":
         preference_loss_types(name, cfg.loss_type, cfg.loss_weights)
     if name == "kto":

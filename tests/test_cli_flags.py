@@ -111,13 +111,30 @@ def test_ref_adapters_refused_where_no_reference_is_used(algorithm):
         resolve("rlhf", None, {"rlhf_type": algorithm, "tuner_type": "lora", "ref_adapters": "sft_lora"})
 
 
+@pytest.mark.parametrize("flags,message", [
+    ({"rlhf_type": "grpo", "beta": "0", "ref_model": "ref"}, "--ref_model: grpo with --beta 0 uses no reference"),
+    ({"rlhf_type": "grpo", "beta": "0", "tuner_type": "lora", "ref_adapters": "a"},
+     "--ref_adapters: grpo with --beta 0 uses no reference"),
+    ({"rlhf_type": "dpo", "reference_free": "true", "ref_model": "ref"},
+     "--ref_model: --reference_free true uses no reference model; drop one of the two"),
+])
+def test_a_reference_the_run_would_not_load_is_refused(flags, message):
+    from jaxalign.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        resolve("rlhf", None, flags)
+    resolve("rlhf", None, {**flags, "beta": "0.04"} if "beta" in flags else {**flags, "reference_free": "false"})
+
+
 def test_columns_option_as_ms_swift_takes_it():
     from jaxalign.data.formats import parse_columns
     from jaxalign.errors import ConfigError
 
     cfg = resolve("sft", None, _flags("""sft --model m --dataset d.jsonl --columns '{"question": "query", "answer": "response"}'"""))
     assert parse_columns(cfg.columns) == {"question": "query", "answer": "response"}
-    from_file = resolve("sft", {"columns": {"question": "query"}}, {})
+    import ml_collections
+
+    from_file = resolve("sft", ml_collections.ConfigDict({"columns": {"question": "query"}}), {})  # as configs/*.py
     assert parse_columns(from_file.columns) == {"question": "query"}
     for bad, message in (("{question: query}", "not JSON"), ('["query"]', "must be a JSON object"),
                          ('{"question": 1}', "must be a JSON object")):

@@ -104,7 +104,7 @@ def test_none_resets_optional_options():
 
 
 def test_loss_scale_defaults_per_algorithm_as_ms_swift():
-    assert resolve("sft", None, {}).loss_scale == "last_round"
+    assert resolve("sft", None, {}).loss_scale == "default"  # ms-swift sft: every reply
     assert [resolve("rlhf", None, {"rlhf_type": t}).loss_scale for t in ("dpo", "orpo", "kto")] == [
         "last_round", "default", "last_round"]
     assert resolve("rlhf", None, {"rlhf_type": "orpo", "loss_scale": "last_round"}).loss_scale == "last_round"

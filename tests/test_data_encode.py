@@ -217,3 +217,25 @@ def test_tools_refused_by_a_template_that_ignores_them():
     with pytest.raises(DataError, match=r'^t\.jsonl line 2: the row has "tools" but the chat template does not render '
                                         r'them .*; use a model whose template takes tools, or drop the column$'):
         Encoder(tokenizer(), kind="sft").encode(Example([U, A], "t.jsonl line 2", tools=[{"name": "add"}]))
+
+
+def test_template_that_moves_earlier_turns_is_refused_per_reply():
+    """A template that puts the tools before the last user turn (as Mistral's do) renders the turns before an
+    earlier reply differently once later turns follow: masking that reply alone would train user text."""
+    tok = build_char_tokenizer()
+    tok.chat_template = (
+        "{% set ns = namespace(last=-1) %}{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+        "{% for m in messages %}{% if loop.index0 == ns.last and tools %}[tools:{% for t in tools %}{{ t['name'] }}"
+        "{% endfor %}]{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tools = [{"name": "add"}]
+    with pytest.raises(DataError, match=r"^w: the chat template renders the turns before assistant reply 1 differently "
+                                        r"once later turns follow, .*; pass --loss_scale last_round$"):
+        Encoder(tok, loss_scale="default").encode(Example([U, A, U, A], "w", tools=tools))
+    last = Encoder(tok).encode(Example([U, A, U, A], "w", tools=tools))  # last_round: only the final reply
+    prompt = chatml(("user", "1+2="), ("assistant", "3")) + ids("[tools:add]") + chatml(("user", "1+2=")) \
+        + ids(IM_START, "assistant\n")
+    assert last.input_ids.tolist() == prompt + ids("3", IM_END)
+    assert np.flatnonzero(last.loss_mask).tolist() == [len(prompt), len(prompt) + 1]

@@ -368,6 +368,13 @@ def test_dynamic_sample_replaces_flat_groups(env):
         assert (flat["input_ids"][i, :p] == prompt_batch["prompt_input_ids"][i // G]).all()
 
 
+def test_cispo_without_epsilon_high_is_noted(env, capsys):
+    build(env, loss_type="cispo")
+    assert "--loss_type cispo caps the importance ratio at --epsilon_high" in capsys.readouterr().out
+    build(env, loss_type="cispo", epsilon_high=5.0)
+    assert "cispo" not in capsys.readouterr().out
+
+
 def test_gdpo_normalises_each_reward_function_in_its_group(env):
     trainer = build(env, reward_funcs="test_charsum test_half_flat", reward_weights="1.0 0.5", scale_rewards="gdpo")
     _, metrics, samples = trainer.algo.generation_batch_arrays(trainer, next(trainer.batches))

@@ -218,6 +218,16 @@ class Encoder:
         with ``render`` (the renderer's, with the row's tools)."""
         prefix = render(messages[:k], add_generation_prompt=True, where=where)
         start = _common_prefix_len(prefix, full)
+        if start < len(prefix):
+            # The generation prompt may differ from a past reply's header (a think block), but the turns before
+            # the reply must render alike, or the span would start inside them (a template that puts tools before
+            # the last user turn moves them when later turns follow).
+            before = render(messages[:k], add_generation_prompt=False, where=where)
+            if _common_prefix_len(before, full) < len(before):
+                raise DataError(
+                    f"{where}: the chat template renders the turns before assistant reply {k} differently once later "
+                    f"turns follow, so that reply cannot be masked on its own; pass --loss_scale last_round"
+                )
         if k == len(messages) - 1:
             end = len(full)
         else:

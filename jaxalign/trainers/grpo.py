@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxalign.errors import ConfigError
 from jaxalign.losses import gdpo_advantages, group_advantages
+from jaxalign.parallel.distributed import say
 from jaxalign.rewards import build_reward_funcs, split_names
 from jaxalign.rewards.host_scoring import score_on_hosts
 from jaxalign.rewards.model_reward import RewardModelReward
@@ -121,6 +122,9 @@ class GRPO(RolloutAlgorithm):
         )
         if cfg.beta > 0:
             self.freeze_start_as_reference(trainer)
+        if self.update.loss_type == "cispo" and cfg.epsilon_high is None:
+            say(f"jaxalign: note: --loss_type cispo caps the importance ratio at --epsilon_high, which defaults to "
+                f"--epsilon ({cfg.epsilon}) as in TRL and ms-swift; ScaleRL uses --epsilon_high 5")
 
     # ----- the loss (delegated to the update) ---------------------------------------------
     def loss_fn(self, model, micro, totals, extra, rng):
