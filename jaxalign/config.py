@@ -43,7 +43,7 @@ OPTIONS: dict[str, Option] = {
     "output_dir": Option("output", str, "where checkpoints, logs and the final model go"),
     "max_length": Option(2048, int, "longest tokenised sequence (prompt + response)"),
     "truncation_strategy": Option(
-        None, str, "what to do with longer rows (default: delete; left for prompt-only GRPO/PPO data)",
+        None, str, "what to do with longer rows (default: delete; left for GRPO's prompts, as ms-swift)",
         (None, "delete", "left", "right"),
     ),
     "template": Option(None, str, "chat template: the tokenizer's own (default; Gemma's when a Gemma model's "
@@ -262,6 +262,8 @@ def resolve(command: str, file_config: ml_collections.ConfigDict | None, flags: 
         cfg.per_device_train_batch_size = default_batch_size(spec, cfg)
     if "beta" in cfg and cfg.beta is None:
         cfg.beta = spec.default_beta
+    if cfg.truncation_strategy is None and spec.name == "ppo":  # ms-swift: left for GRPO's prompts only
+        cfg.truncation_strategy = "delete"
     if cfg.loss_scale is None:  # ms-swift: SFT and ORPO train every reply of a text conversation, the rest the last
         cfg.loss_scale = "default" if spec.name in ("sft", "orpo") else "last_round"
     if cfg.learning_rate is None:

@@ -110,6 +110,13 @@ def test_loss_scale_defaults_per_algorithm_as_ms_swift():
     assert resolve("rlhf", None, {"rlhf_type": "orpo", "loss_scale": "last_round"}).loss_scale == "last_round"
 
 
+def test_truncation_defaults_per_algorithm_as_ms_swift():
+    # None: the encoder's default for the data kind (delete; left for GRPO's prompts); PPO's prompts are deleted
+    assert [resolve("rlhf", None, {"rlhf_type": t}).truncation_strategy for t in ("dpo", "grpo", "ppo")] == [
+        None, None, "delete"]
+    assert resolve("rlhf", None, {"rlhf_type": "ppo", "truncation_strategy": "left"}).truncation_strategy == "left"
+
+
 def test_every_option_has_help_and_valid_default():
     for name, opt in OPTIONS.items():
         assert opt.help, name
