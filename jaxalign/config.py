@@ -434,14 +434,14 @@ def check_algorithm_options(spec, cfg: ml_collections.ConfigDict) -> None:
     name = spec.name
     if spec.command != "rlhf":
         return
-    if cfg.ref_model and spec.reference == "none":
-        raise ConfigError(f"--ref_model: {name} uses no reference model; drop the flag")
-    if cfg.get("ref_adapters") and spec.reference == "none":
-        raise ConfigError(f"--ref_adapters: {name} uses no reference model; drop the flag")
     for flag in ("ref_model", "ref_adapters"):  # a reference this run would not load
-        if cfg.get(flag) and spec.reference == "beta" and cfg.beta == 0:
+        if not cfg.get(flag):
+            continue
+        if spec.reference == "none":
+            raise ConfigError(f"--{flag}: {name} uses no reference model; drop the flag")
+        if spec.reference == "beta" and cfg.beta == 0:
             raise ConfigError(f"--{flag}: {name} with --beta 0 uses no reference model; drop the flag or raise --beta")
-        if cfg.get(flag) and spec.reference == "policy" and cfg.get("reference_free"):
+        if spec.reference == "policy" and cfg.get("reference_free"):
             raise ConfigError(f"--{flag}: --reference_free true uses no reference model; drop one of the two")
     if spec.data_kind == "pair" and name != "rm":
         preference_loss_types(name, cfg.loss_type, cfg.loss_weights)
